@@ -1,0 +1,253 @@
+"""model.py against transformers' LlamaForCausalLM on tiny random configs (fp32, eager)."""
+import json
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig as HFConfig, LlamaForCausalLM  # noqa: E402
+
+from model import Llama, LlamaConfig, rope_inv_freq  # noqa: E402
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+# head_dim 16, theta 10000, original context 64: wavelengths 6.3, 20, 63, 199, ... tokens put
+# pair 0 in the high band (< 64/4), pairs 1-2 in the blended band, pairs 3-7 in the low band.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def hf_config(n_heads=4, n_kv=2, tied=True, rope=LLAMA3_ROPE, **kw):
+    base = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=64 // n_heads,
+                rope_theta=10000.0, rope_scaling=rope, max_position_embeddings=4096,
+                tie_word_embeddings=tied, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=[2, 3],
+                attn_implementation="eager")
+    base.update(kw)
+    return HFConfig(**base)
+
+
+def make_pair(tmp_path, **kw):
+    """A random HF model saved the way the hub ships it, and ours loaded from that folder."""
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(hf_config(**kw)).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    ours = Llama.from_pretrained(tmp_path / "hf").eval()
+    return ref, ours
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (4, 2), (4, 1)])  # GQA ratios 1, 2, 4
+def test_logits_match_transformers(tmp_path, tied, n_heads, n_kv):
+    ref, ours = make_pair(tmp_path, n_heads=n_heads, n_kv=n_kv, tied=tied)
+    ids = torch.randint(0, 101, (2, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, **TOL)
+    assert ("lm_head.weight" in dict(ours.named_parameters())) != tied  # tied: one shared tensor
+
+
+def test_logits_match_without_rope_scaling(tmp_path):
+    ref, ours = make_pair(tmp_path, rope=None, rope_theta=500.0)
+    ids = torch.randint(0, 101, (1, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, **TOL)
+
+
+def test_rope_bands_and_tables_at_long_positions():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    hf = hf_config(max_position_embeddings=200_000)
+    config = LlamaConfig.from_hf(hf.to_dict())
+    inv = rope_inv_freq(config)
+    base = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
+    wavelen = 2 * math.pi / base
+    assert (wavelen < 16).any() and (wavelen > 64).any() and ((wavelen >= 16) & (wavelen <= 64)).any()
+    assert torch.equal(inv[wavelen < 16], base[wavelen < 16])                    # high band untouched
+    torch.testing.assert_close(inv[wavelen > 64], base[wavelen > 64] / 32)        # low band / factor
+
+    positions = torch.tensor([[0, 1, 63, 64, 1000, 8191, 65_536, 131_071, 199_999]])
+    ref_cos, ref_sin = LlamaRotaryEmbedding(config=hf)(torch.zeros(1, dtype=torch.float32), positions)
+    model = Llama(config).to(torch.bfloat16)  # the table must stay fp32 through .to(bf16)
+    assert model.rotary.inv_freq.dtype == torch.float32
+    cos, sin = model.rotary(positions)
+    torch.testing.assert_close(cos, ref_cos, **TOL)
+    torch.testing.assert_close(sin, ref_sin, **TOL)
+
+
+def test_padded_batch_matches_transformers_and_single_rows(tmp_path):
+    ref, ours = make_pair(tmp_path)
+    ids = torch.randint(0, 101, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[0, :6] = 0    # left padded
+    mask[1, 15:] = 0   # right padded
+    real = mask.bool()
+    with torch.no_grad():
+        out = ours(ids, mask)
+        torch.testing.assert_close(out[real], ref(ids, attention_mask=mask).logits[real], **TOL)
+        assert torch.isfinite(out).all()  # padding rows see themselves: no NaN anywhere
+        torch.testing.assert_close(out[0, 6:], ours(ids[:1, 6:])[0], **TOL)   # same as the row alone
+        torch.testing.assert_close(out[1, :15], ours(ids[1:2, :15])[0], **TOL)
+
+
+def test_bf16_close_to_transformers_bf16(tmp_path):
+    """bf16 differs from fp32 by rounding; we require our bf16 logits to be as close to the fp32
+    reference as transformers' own bf16 logits are (within 1.5x), and within 0.05 of them."""
+    ref, ours = make_pair(tmp_path)
+    ids = torch.randint(0, 101, (2, 40))
+    with torch.no_grad():
+        exact = ref(ids).logits
+        ref_bf16 = ref.to(torch.bfloat16)(ids).logits.float()
+        ours_bf16 = ours.to(torch.bfloat16)(ids).float()
+    ref_err = (ref_bf16 - exact).abs().max()
+    ours_err = (ours_bf16 - exact).abs().max()
+    assert ours_err <= 1.5 * ref_err + 1e-3, (ours_err, ref_err)
+    assert (ours_bf16 - ref_bf16).abs().max() < 0.05
+
+
+def test_our_checkpoint_loads_in_transformers(tmp_path):
+    for tied in (True, False):
+        torch.manual_seed(1)
+        config = LlamaConfig.from_hf(hf_config(tied=tied).to_dict())
+        ours = Llama(config).eval()
+        ours.save_pretrained(tmp_path / f"ours{tied}")
+        ref = LlamaForCausalLM.from_pretrained(tmp_path / f"ours{tied}", attn_implementation="eager").eval()
+        ids = torch.randint(0, 101, (2, 17))
+        with torch.no_grad():
+            torch.testing.assert_close(ref(ids).logits, ours(ids), **TOL)
+        assert Llama.from_pretrained(tmp_path / f"ours{tied}").config == config
+
+
+def test_sharded_checkpoints_round_trip(tmp_path):
+    ref, ours = make_pair(tmp_path)
+    ref.save_pretrained(tmp_path / "hf_sharded", max_shard_size="20KB")
+    assert (tmp_path / "hf_sharded" / "model.safetensors.index.json").is_file()
+    ids = torch.randint(0, 101, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(Llama.from_pretrained(tmp_path / "hf_sharded")(ids), ref(ids).logits, **TOL)
+        ours.save_pretrained(tmp_path / "ours_sharded", max_shard_bytes=20_000)
+        index = json.loads((tmp_path / "ours_sharded" / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+        back = LlamaForCausalLM.from_pretrained(tmp_path / "ours_sharded", attn_implementation="eager")
+        torch.testing.assert_close(back(ids).logits, ref(ids).logits, **TOL)
+
+
+def test_save_is_atomic_and_copies_tokenizer_files(tmp_path):
+    _, ours = make_pair(tmp_path)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    ours.save_pretrained(tmp_path / "out", tokenizer_dir=tmp_path / "tok")
+    ours.save_pretrained(tmp_path / "out", tokenizer_dir=tmp_path / "tok")  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out", "tok"]  # no temp folders left
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
+
+
+def test_from_pretrained_dtype_and_config_fields(tmp_path):
+    _, _ = make_pair(tmp_path)
+    model = Llama.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.config.eos_token_id == [2, 3] and model.config.rope_scaling["factor"] == 32.0
+
+
+@pytest.mark.parametrize("left_pad", [0, 5])
+def test_kv_cache_prefill_and_decode_equal_full_forward(tmp_path, left_pad):
+    _, ours = make_pair(tmp_path)
+    B, T, steps = (1, 10, 6) if left_pad == 0 else (3, 10, 6)
+    ids = torch.randint(0, 101, (B, T + steps))
+    mask = torch.ones(B, T + steps, dtype=torch.long)
+    mask[0, :left_pad] = 0
+    with torch.no_grad():
+        full = ours(ids, mask)
+        cache = ours.new_cache(B, T + steps)
+        prefill = ours(ids[:, :T], mask[:, :T], cache=cache)
+        torch.testing.assert_close(prefill[mask[:, :T].bool()], full[:, :T][mask[:, :T].bool()], **TOL)
+        last = ours(ids[:, :T], mask[:, :T], cache=ours.new_cache(B, T), last_only=True)
+        torch.testing.assert_close(last[:, 0], full[:, T - 1], **TOL)
+        for t in range(T, T + steps):
+            step = ours(ids[:, t:t + 1], cache=cache)
+            torch.testing.assert_close(step[:, 0], full[:, t], **TOL)
+
+
+def test_kv_cache_select_keeps_rows(tmp_path):
+    _, ours = make_pair(tmp_path)
+    ids = torch.randint(0, 101, (3, 8))
+    with torch.no_grad():
+        full = ours(ids)
+        cache = ours.new_cache(3, 8)
+        ours(ids[:, :6], cache=cache)
+        cache.select(torch.tensor([0, 2]))
+        ours(ids[[0, 2], 6:7], cache=cache)
+        step = ours(ids[[0, 2], 7:8], cache=cache)
+    torch.testing.assert_close(step[:, 0], full[[0, 2], 7], **TOL)
+
+
+def test_gradient_checkpointing_gives_same_gradients(tmp_path):
+    _, ours = make_pair(tmp_path)
+    ours.train()
+    ids = torch.randint(0, 101, (2, 16))
+    grads = []
+    for flag in (False, True):
+        ours.zero_grad()
+        ours.gradient_checkpointing = flag
+        ours(ids).float().logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in ours.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Llama.from_pretrained(tmp_path / "empty")
+
+
+def test_not_a_folder_nor_hub_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        Llama.from_pretrained(tmp_path / "nope")
+
+
+def test_unknown_rope_type_and_missing_field(tmp_path):
+    d = hf_config().to_dict()
+    d.pop("rope_parameters", None)
+    d["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+        LlamaConfig.from_hf(d)
+    d = hf_config().to_dict()
+    del d["hidden_size"]
+    with pytest.raises(ValueError, match="missing field 'hidden_size'"):
+        LlamaConfig.from_hf(d)
+
+
+def _rewrite_weights(folder, edit):
+    from safetensors.torch import load_file, save_file
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors")
+
+
+def test_missing_tensor(tmp_path):
+    make_pair(tmp_path)
+    _rewrite_weights(tmp_path / "hf", lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        Llama.from_pretrained(tmp_path / "hf")
+
+
+def test_wrong_shape_and_unexpected_tensor(tmp_path):
+    make_pair(tmp_path)
+    _rewrite_weights(tmp_path / "hf", lambda s: s.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(65,\)"):
+        Llama.from_pretrained(tmp_path / "hf")
+    _rewrite_weights(tmp_path / "hf", lambda s: s.update({"model.norm.weight": torch.ones(64),
+                                                          "model.extra": torch.ones(1)}))
+    with pytest.raises(ValueError, match="unexpected tensor 'model.extra'"):
+        Llama.from_pretrained(tmp_path / "hf")
+
+
+def test_truncated_safetensors(tmp_path):
+    make_pair(tmp_path)
+    file = tmp_path / "hf" / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(ValueError, match="model.safetensors: unreadable safetensors file"):
+        Llama.from_pretrained(tmp_path / "hf")
