@@ -286,7 +286,15 @@ class Llama(nn.Module):
         return sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
 
     def forward(self, input_ids, attention_mask=None, cache: "KVCache | None" = None, last_only=False):
-        """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with last_only.
+        """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with last_only."""
+        h = self.hidden_states(input_ids, attention_mask, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)                                           # (B, T, vocab)
+
+    def hidden_states(self, input_ids, attention_mask=None, cache: "KVCache | None" = None):
+        """input_ids (B, T) -> final normalised hidden states (B, T, d), before the output head.
+        Training uses this to project only the positions that carry a loss onto the vocabulary.
 
         attention_mask (B, T): 1 for real tokens, 0 for padding, left or right. Positions
         count real tokens only (cumsum(mask) - 1), so a left-padded row gets the same
@@ -315,9 +323,7 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, kv, start)
         if cache is not None:
             cache.length += T
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))                               # (B, T, vocab)
+        return self.norm(x)
 
     def _positions_and_mask(self, real, cache):
         """Per-row positions (B, T) and the attention mask (B, 1, T, S) for tokens whose
