@@ -1,0 +1,533 @@
+"""Stage 4: evaluate an emotion classifier, and compare two of them on the same examples.
+
+A fine-tuned model answers every prompt of a dair-ai/emotion split greedily (q2a: the
+emotion word; q2ra: reasoning, then a last line "Emotion: <label>"), each reply is parsed
+to one of the six labels or "unparsed" (which counts as wrong, never as dropped), and the
+run is written to out_dir:
+
+    predictions.jsonl     one row per example: id, text, gold, predicted, raw, n_tokens
+    report.json, .md      accuracy, macro-F1, per-class precision/recall/F1, confusion matrix,
+                          unparsed share, generated length, speed, scoring mode, examples
+    confusion_matrix.png  when matplotlib is installed
+
+q2a can also be scored without generating (`--scoring logprob`): the model scores each of the
+six possible replies and the most likely one is the prediction, so nothing is unparsed.
+
+`--compare A B` tests two runs against each other: the paired bootstrap 95% CI of the
+accuracy difference B - A and McNemar's exact test on the examples where they disagree.
+
+References: McNemar 1947; Dietterich 1998, "Approximate statistical tests for comparing
+supervised classification learning algorithms"; Efron & Tibshirani 1993 (the bootstrap).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Same names and order as data.LABELS (dair-ai id order); repeated here so that parsing,
+# metrics and --compare work without the model stack (tests check the two agree).
+LABELS = ("sadness", "joy", "love", "anger", "fear", "surprise")
+ANSWER_PREFIX = "Emotion:"  # data.ANSWER_PREFIX: the q2ra target's last line is "Emotion: <label>"
+UNPARSED = "unparsed"
+COLUMNS = LABELS + (UNPARSED,)  # confusion-matrix columns: every label, then "unparsed"
+MAX_NEW_TOKENS = {"q2a": 8, "q2ra": 256}  # the default reply budget per task
+N_EXAMPLES = 3  # replies shown in report.md, for correct and for wrong predictions
+
+# ----------------------------------------------------------------------------- parsing
+
+# A label as a whole word: not inside a longer word ("joyful"), but markdown, quotes and
+# punctuation around it are fine ("**joy**", "'joy'", "_joy_", "joy.").
+LABEL_RE = re.compile(r"(?<![a-z])(" + "|".join(LABELS) + r")(?![a-z])", re.IGNORECASE)
+# "Emotion:" and the rest of its line ("." stops at a newline); "**Emotion:**" is accepted too.
+ANSWER_RE = re.compile(r"(?<![a-z])" + re.escape(ANSWER_PREFIX.rstrip(":")) + r"[*_ \t]*:(.*)",
+                       re.IGNORECASE)
+
+
+def parse_label(task: str, text: str) -> str:
+    """The label a reply gives (a LABELS name), or "unparsed".
+
+    q2a: the reply must name exactly one label ("Joy", " joy.", "**joy**", "Emotion: joy");
+    naming none or two different ones is unparsed.
+    q2ra: only the last "Emotion: <label>" line counts, read the same way. Without one, the
+    reply is unparsed: label words inside the reasoning are not an answer.
+    """
+    if task == "q2a":
+        return _single_label(text)
+    if task == "q2ra":
+        answers = ANSWER_RE.findall(text)
+        return _single_label(answers[-1]) if answers else UNPARSED
+    raise ValueError(f"task '{task}' has no label to parse (expected q2a or q2ra)")
+
+
+def _single_label(text: str) -> str:
+    found = {word.lower() for word in LABEL_RE.findall(text)}
+    return found.pop() if len(found) == 1 else UNPARSED
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def confusion_matrix(gold, predicted) -> list[list[int]]:
+    """Counts with gold labels as rows (LABELS order) and predictions as columns (COLUMNS order)."""
+    if len(gold) != len(predicted):
+        raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
+    counts = [[0] * len(COLUMNS) for _ in LABELS]
+    for g, p in zip(gold, predicted):
+        if g not in LABELS:
+            raise ValueError(f"gold label '{g}' is not one of {', '.join(LABELS)}")
+        if p not in COLUMNS:
+            raise ValueError(f"predicted label '{p}' is not one of {', '.join(COLUMNS)}")
+        counts[LABELS.index(g)][COLUMNS.index(p)] += 1
+    return counts
+
+
+def classification_metrics(gold, predicted) -> dict:
+    """Accuracy, per-class precision/recall/F1/support, macro-F1, confusion matrix, unparsed share.
+
+    A class that is never predicted has precision 0, one without gold examples recall 0, and
+    F1 is 0 when precision + recall is 0 (sklearn's zero_division=0). Macro-F1 is the plain
+    mean over all six classes, so every class weighs the same whatever its support.
+    """
+    counts = confusion_matrix(gold, predicted)
+    n = len(gold)
+    if n == 0:
+        raise ValueError("no predictions to score")
+    per_class = {}
+    for i, label in enumerate(LABELS):
+        tp = counts[i][i]
+        n_predicted = sum(row[i] for row in counts)
+        support = sum(counts[i])
+        precision = tp / n_predicted if n_predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    return {
+        "n": n,
+        "accuracy": sum(counts[i][i] for i in range(len(LABELS))) / n,
+        "macro_f1": sum(c["f1"] for c in per_class.values()) / len(LABELS),
+        "unparsed_share": sum(row[-1] for row in counts) / n,
+        "per_class": per_class,
+        "confusion_matrix": {"rows": list(LABELS), "columns": list(COLUMNS), "counts": counts},
+    }
+
+
+# ----------------------------------------------------------------------------- paired significance
+
+def _paired(correct_a, correct_b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"paired tests need two equally long, non-empty 1-d lists "
+                         f"(got shapes {a.shape} and {b.shape})")
+    return a, b
+
+
+def mcnemar_exact(correct_a, correct_b) -> float:
+    """Two-sided exact McNemar p-value for paired per-example correctness of A and B.
+
+    Only the discordant examples carry information: under H0 (equal accuracy) the number of
+    them that A gets right is Binomial(n_discordant, 1/2). p = 2 * P(X <= min(b, c)), capped at 1.
+    """
+    a, b = _paired(correct_a, correct_b)
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    # Exact integers: sum of C(n, k) over the tail, divided once by 2^n. Python's int / int
+    # is correctly rounded, so a test set of any size neither overflows nor loses precision.
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def bootstrap_diff_ci(correct_a, correct_b, n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """Paired bootstrap 95% percentile CI of accuracy(B) - accuracy(A).
+
+    Each resample draws n examples with replacement, keeping A's and B's results on an
+    example together. Per example, B - A is -1, 0 or +1, so a resample is fully described by
+    how many of each it drew: a multinomial draw of three counts, which is the same
+    distribution as resampling indices, vectorised over n_boot without an (n_boot, n) array.
+    """
+    a, b = _paired(correct_a, correct_b)
+    n = len(a)
+    diff = b.astype(np.int64) - a.astype(np.int64)                       # (n,) in {-1, 0, 1}
+    shares = [np.sum(diff == -1) / n, np.sum(diff == 0) / n, np.sum(diff == 1) / n]
+    counts = np.random.default_rng(seed).multinomial(n, shares, size=n_boot)  # (n_boot, 3)
+    diffs = (counts[:, 2] - counts[:, 0]) / n                              # (n_boot,)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_atomic(path, write):
+    """Create `path` through write(tmp_path) on a temporary file in the same folder, then
+    os.replace: a reader never sees a half-written file, even if the run is killed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path, text: str):
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_jsonl_atomic(path, rows):
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_predictions(path) -> list[dict]:
+    """Rows of a predictions.jsonl; each needs id, gold and predicted."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such predictions file")
+    rows = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+        missing = [key for key in ("id", "gold", "predicted") if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise ValueError(f"{path}:{line_no}: row has no '{missing[0]}'")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no predictions")
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def write_report(out_dir, predictions: list[dict], meta: dict) -> dict:
+    """Write predictions.jsonl, report.json, report.md and confusion_matrix.png (if matplotlib
+    is installed) to out_dir; return the report. `predictions` rows hold id, text, gold,
+    predicted, raw, n_tokens; `meta` describes the run (task, model, data, split, scoring,
+    wall_time_s, ...) and is copied into the report."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = classification_metrics([p["gold"] for p in predictions], [p["predicted"] for p in predictions])
+    generated = meta.get("scoring", "generate") == "generate"  # logprob scoring generates nothing
+    wall = meta.get("wall_time_s")
+    report = {
+        **meta,
+        **metrics,
+        "mean_new_tokens": float(np.mean([p["n_tokens"] for p in predictions])) if generated else None,
+        "rows_per_s": len(predictions) / wall if wall else None,
+    }
+    write_jsonl_atomic(out_dir / "predictions.jsonl", predictions)
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    png = plot_confusion(out_dir / "confusion_matrix.png", metrics["confusion_matrix"]["counts"])
+    write_text_atomic(out_dir / "report.md", render_markdown(report, predictions, png))
+    return report
+
+
+def plot_confusion(path, counts) -> bool:
+    """Draw the confusion matrix to a PNG; False when matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    # A bare Figure on the Agg canvas: no display needed, and pyplot's global backend untouched.
+    fig = Figure(figsize=(7, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(COLUMNS)), COLUMNS, rotation=45, ha="right")
+    ax.set_yticks(range(len(LABELS)), LABELS)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    top = max(max(row) for row in counts) or 1
+    for i, row in enumerate(counts):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return True
+
+
+def render_markdown(report: dict, predictions: list[dict], png: bool) -> str:
+    r = report
+    mean_tokens = ("n/a (logprob scoring generates nothing)" if r["mean_new_tokens"] is None
+                   else f"{r['mean_new_tokens']:.1f}")
+    lines = [
+        f"# Evaluation: {r.get('task', '?')} on {r.get('split', '?')}",
+        "",
+        f"Model `{r.get('model', '?')}`, data `{r.get('data', '?')}`, scoring mode: **{scoring_text(r)}**.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| examples | {r['n']} |",
+        f"| accuracy | {r['accuracy']:.4f} |",
+        f"| macro-F1 | {r['macro_f1']:.4f} |",
+        f"| unparsed share | {r['unparsed_share']:.2%} |",
+        f"| mean generated length (tokens) | {mean_tokens} |",
+    ]
+    if r.get("hit_limit") is not None:
+        lines.append(f"| replies cut at max_new_tokens | {r['hit_limit']} |")
+    if r.get("wall_time_s") is not None:
+        lines += [f"| wall time (s) | {r['wall_time_s']:.1f} |", f"| rows/s | {r['rows_per_s']:.2f} |"]
+
+    lines += ["", "## Per class", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for label, c in r["per_class"].items():
+        lines.append(f"| {label} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
+
+    lines += ["", "## Confusion matrix (rows: gold, columns: predicted)", "",
+              "| gold \\ predicted | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for label, row in zip(LABELS, r["confusion_matrix"]["counts"]):
+        lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
+    lines += ["", "![confusion matrix](confusion_matrix.png)" if png
+              else "(confusion_matrix.png not written: matplotlib is not installed)"]
+
+    for title, correct in (("Examples: correct", True), ("Examples: wrong", False)):
+        chosen = [p for p in predictions if (p["predicted"] == p["gold"]) == correct][:N_EXAMPLES]
+        lines += ["", f"## {title}"]
+        for p in chosen:
+            lines += ["", f"**id {p['id']}**: gold `{p['gold']}`, predicted `{p['predicted']}`", "",
+                      "> " + " ".join(str(p.get("text", "")).split()), "", *fenced(str(p.get("raw", "")))]
+        if not chosen:
+            lines += ["", "(none)"]
+    return "\n".join(lines) + "\n"
+
+
+def scoring_text(report: dict) -> str:
+    if report.get("scoring") == "logprob":
+        return "logprob (highest log-probability of the six label replies; never unparsed)"
+    budget = report.get("max_new_tokens")
+    return "generate (greedy" + (f", max_new_tokens={budget}" if budget else "") + ")"
+
+
+def fenced(text: str, max_chars: int = 1500) -> list[str]:
+    """A markdown code block around a model reply, with a fence longer than any backtick run in it."""
+    text = text if len(text) <= max_chars else text[:max_chars] + " [...]"
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence, text, fence]
+
+
+# ----------------------------------------------------------------------------- compare
+
+def compare(path_a, path_b, n_boot: int = 10000, seed: int = 0) -> dict:
+    """Compare two prediction files of the same examples: accuracies, B - A with its paired
+    bootstrap 95% CI, and McNemar's exact p. Files whose ids or gold labels differ are refused."""
+    rows_a, rows_b = _by_id(path_a), _by_id(path_b)
+    for i in rows_a:
+        if i not in rows_b:
+            raise ValueError(f"{path_b}: id {i!r} of {path_a} is missing")
+    for i in rows_b:
+        if i not in rows_a:
+            raise ValueError(f"{path_a}: id {i!r} of {path_b} is missing")
+    for i, row in rows_a.items():
+        if row["gold"] != rows_b[i]["gold"]:
+            raise ValueError(f"id {i!r}: gold label '{row['gold']}' in {path_a} "
+                             f"but '{rows_b[i]['gold']}' in {path_b}")
+    ids = list(rows_a)
+    correct_a = np.array([rows_a[i]["predicted"] == rows_a[i]["gold"] for i in ids])
+    correct_b = np.array([rows_b[i]["predicted"] == rows_b[i]["gold"] for i in ids])
+    lo, hi = bootstrap_diff_ci(correct_a, correct_b, n_boot, seed)
+    return {
+        "a": str(path_a), "b": str(path_b), "n": len(ids),
+        "accuracy_a": float(correct_a.mean()), "accuracy_b": float(correct_b.mean()),
+        "diff": float(correct_b.mean() - correct_a.mean()), "ci95": [lo, hi], "n_boot": n_boot,
+        "only_a_correct": int(np.sum(correct_a & ~correct_b)),
+        "only_b_correct": int(np.sum(~correct_a & correct_b)),
+        "mcnemar_p": mcnemar_exact(correct_a, correct_b),
+    }
+
+
+def _by_id(path) -> dict:
+    rows = {}
+    for row in read_predictions(path):
+        if row["id"] in rows:
+            raise ValueError(f"{path}: id {row['id']!r} appears twice")
+        rows[row["id"]] = row
+    return rows
+
+
+def format_comparison(c: dict) -> str:
+    lo, hi = c["ci95"]
+    return "\n".join([
+        f"A  accuracy {c['accuracy_a']:.4f}  {c['a']}",
+        f"B  accuracy {c['accuracy_b']:.4f}  {c['b']}",
+        f"B - A  {c['diff']:+.4f}  (paired bootstrap 95% CI {lo:+.4f} .. {hi:+.4f}, {c['n_boot']} resamples)",
+        f"McNemar exact p = {c['mcnemar_p']:.4g}  (n = {c['n']}; only A right: {c['only_a_correct']}, "
+        f"only B right: {c['only_b_correct']})",
+    ])
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval", limit: int | None = None,
+             batch_size: int = 32, max_new_tokens: int | None = None, scoring: str = "generate",
+             device: str | None = None, dtype=None) -> dict:
+    """Predict every example of `data`'s `split` with the model in model_dir, write
+    predictions and report to out_dir, and return the report.
+
+    scoring="generate": greedy replies of up to max_new_tokens (default 8 for q2a, 256 for
+    q2ra), parsed with parse_label. scoring="logprob" (q2a only): the most likely label reply.
+    device defaults to cuda when available; dtype to bfloat16 on cuda, float32 on cpu.
+    """
+    if task not in MAX_NEW_TOKENS:
+        raise ValueError(f"task '{task}' cannot be evaluated (expected q2a or q2ra)")
+    if scoring not in ("generate", "logprob"):
+        raise ValueError(f"scoring '{scoring}' is not generate or logprob")
+    if scoring == "logprob" and task != "q2a":
+        raise ValueError("logprob scoring needs replies that are just the label: q2a only, not q2ra")
+    import torch
+    import data as data_module
+    from model import Llama
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(dtype, device)
+    t0 = time.perf_counter()
+    rows = data_module.read_emotion(data, split)[:limit]
+    if not rows:
+        raise ValueError(f"{data}: split '{split}' has no rows")
+    tokenizer = data_module.Tokenizer.from_dir(model_dir)
+    model = Llama.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    conversations = [data_module.prompt_messages(task, row) for row in rows]
+    load_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if scoring == "generate":
+        from generate import SamplingConfig, generate
+        max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+        outputs = generate(model, tokenizer, conversations, cfg, batch_size=batch_size, progress=True)
+        hit_limit = sum(bool(o["hit_limit"]) for o in outputs)
+    else:
+        max_new_tokens, hit_limit = None, None
+        outputs = [{"text": label, "n_tokens": 0} for label in
+                   score_labels(model, tokenizer, conversations, batch_size)]
+    wall_s = time.perf_counter() - t0
+
+    predictions = [{"id": row["id"], "text": row["text"], "gold": row["label"],
+                    "predicted": parse_label(task, out["text"]), "raw": out["text"], "n_tokens": out["n_tokens"]}
+                   for row, out in zip(rows, outputs)]
+    meta = {"task": task, "model": str(model_dir), "data": str(data), "split": split, "limit": limit,
+            "scoring": scoring, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+            "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "prompt_version": getattr(data_module, "PROMPT_VERSION", None), "hit_limit": hit_limit,
+            "load_time_s": load_s, "wall_time_s": wall_s}
+    return write_report(out_dir, predictions, meta)
+
+
+def resolve_dtype(dtype, device: str):
+    import torch
+    if dtype is None:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype '{dtype}' is not float32, bfloat16 or float16")
+    return getattr(torch, dtype)
+
+
+def score_labels(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> list[str]:
+    """q2a without generation: for each prompt, the label whose reply (label word + end-of-turn
+    token) has the highest total log-probability. batch_size prompts -> 6x as many sequences."""
+    import torch
+    from tqdm import tqdm
+
+    predicted = []
+    for start in tqdm(range(0, len(conversations), batch_size), desc="logprob", unit="batch"):
+        chunk = conversations[start:start + batch_size]
+        # Each candidate is rendered as the full training conversation, so its reply tokens are
+        # exactly the ones the model was trained to produce (incl. <|eot_id|>).
+        encoded = [tokenizer.render(conv + [{"role": "assistant", "content": label}])
+                   for conv in chunk for label in LABELS]
+        with torch.inference_mode():
+            scores = reply_logprobs(model, encoded, tokenizer.pad_id)   # (len(chunk) * 6,)
+        best = scores.view(len(chunk), len(LABELS)).argmax(1)          # ties: the first label
+        predicted += [LABELS[i] for i in best.tolist()]
+    return predicted
+
+
+def reply_logprobs(model, encoded: list[tuple[list[int], list[bool]]], pad_id: int):
+    """Sum over each sequence's reply tokens of log p(token | all tokens before it), from one
+    forward pass over the right-padded batch. encoded: (ids, reply_mask) pairs."""
+    import torch
+
+    n, T = len(encoded), max(len(ids) for ids, _ in encoded)
+    ids = torch.full((n, T), pad_id, dtype=torch.long)
+    reply = torch.zeros(n, T, dtype=torch.bool)
+    for i, (seq, mask) in enumerate(encoded):
+        if not any(mask):
+            raise ValueError(f"candidate {i}: the rendered conversation has no reply tokens to score")
+        ids[i, :len(seq)] = torch.tensor(seq)
+        reply[i, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    device = model.embed_tokens.weight.device
+    ids, reply = ids.to(device), reply.to(device)
+
+    # Right padding follows every real token, so plain causal attention (no mask) is exact.
+    # Token t is predicted at position t - 1; only those positions go through the output head.
+    target = reply[:, 1:]                                                 # (n, T-1)
+    h = model.hidden_states(ids)[:, :-1][target]                          # (R, d)
+    logp = torch.log_softmax(model.lm_head(h).float(), dim=-1)           # (R, V)
+    token_logp = logp.gather(1, ids[:, 1:][target][:, None]).squeeze(1)  # (R,)
+    row = torch.arange(n, device=device)[:, None].expand(n, T - 1)[target]  # (R,) sequence of each token
+    return torch.zeros(n, device=device).index_add_(0, row, token_logp)  # (n,)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Evaluate an emotion classifier (q2a / q2ra), or compare two evaluation runs.",
+        epilog="examples:\n"
+               "  python eval.py --model runs/q2ra/best --task q2ra --data dair-ai/emotion --out runs/q2ra/eval\n"
+               "  python eval.py --compare runs/q2a/eval/predictions.jsonl runs/q2ra/eval/predictions.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="compare two predictions.jsonl files of the same examples (difference B - A) "
+                        "instead of evaluating a model")
+    p.add_argument("--model", help="checkpoint folder (or hub id) with config.json, safetensors and tokenizer")
+    p.add_argument("--task", choices=sorted(MAX_NEW_TOKENS), help="q2a: label only; q2ra: reasoning, then label")
+    p.add_argument("--data", help="dair-ai/emotion source: folder, file or hub id")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--out", help="output folder (evaluation), or JSON file for the result (--compare, optional)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N rows")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (default: 32)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help=f"reply budget (default: {MAX_NEW_TOKENS['q2a']} for q2a, {MAX_NEW_TOKENS['q2ra']} for q2ra)")
+    p.add_argument("--scoring", choices=["generate", "logprob"], default="generate",
+                   help="generate: parse greedy replies (default); logprob: most likely label reply (q2a only)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="model weights and compute (default: bfloat16 on cuda, float32 on cpu)")
+    args = p.parse_args(argv)
+
+    try:
+        if args.compare:
+            result = compare(*args.compare)
+            print(format_comparison(result))
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+            return
+        missing = [flag for flag in ("model", "task", "data", "out") if getattr(args, flag) is None]
+        if missing:
+            p.error(f"--{missing[0]} is required (or use --compare A B)")
+        report = evaluate(args.model, args.task, args.data, args.split, args.out, args.limit, args.batch_size,
+                          args.max_new_tokens, args.scoring, args.device, args.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"eval.py: error: {e}")
+    print(f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
+          f"unparsed {report['unparsed_share']:.2%}  -> {Path(args.out) / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
