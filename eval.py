@@ -279,7 +279,7 @@ def render_markdown(report: dict, predictions: list[dict], png: bool) -> str:
     if r.get("hit_limit") is not None:
         lines.append(f"| replies cut at max_new_tokens | {r['hit_limit']} |")
     if r.get("wall_time_s") is not None:
-        lines += [f"| wall time (s) | {r['wall_time_s']:.1f} |", f"| rows/s | {r['rows_per_s']:.2f} |"]
+        lines += [f"| wall time (s) | {r['wall_time_s']:.2f} |", f"| rows/s | {r['rows_per_s']:.2f} |"]
 
     lines += ["", "## Per class", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for label, c in r["per_class"].items():
