@@ -16,6 +16,9 @@ six possible replies and the most likely one is the prediction, so nothing is un
 `--compare A B` tests two runs against each other: the paired bootstrap 95% CI of the
 accuracy difference B - A and McNemar's exact test on the examples where they disagree.
 
+torch and the model stack (model.py, data.py, generate.py) are imported inside the functions
+that run a model, so parsing, metrics and --compare need only numpy.
+
 References: McNemar 1947; Dietterich 1998, "Approximate statistical tests for comparing
 supervised classification learning algorithms"; Efron & Tibshirani 1993 (the bootstrap).
 """
@@ -379,6 +382,7 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
     scoring="generate": greedy replies of up to max_new_tokens (default 8 for q2a, 256 for
     q2ra), parsed with parse_label. scoring="logprob" (q2a only): the most likely label reply.
     device defaults to cuda when available; dtype to bfloat16 on cuda, float32 on cpu.
+    Files already in out_dir (default runs/eval) are replaced.
     """
     if task not in MAX_NEW_TOKENS:
         raise ValueError(f"task '{task}' cannot be evaluated (expected q2a or q2ra)")
