@@ -1,0 +1,410 @@
+"""KV-cached batched generation for model.Llama, and stage 2 of the method: reasoning augmentation.
+
+Read top to bottom: sampling (config and small pure helpers), one batch (prefill once, then
+decode one token at a time from the static KV cache), many prompts (sorted by length into
+batches), chat conversations, stage 2 (resumable jsonl writing) and the command line.
+
+    python generate.py --model DIR --prompt "How are you?"                 # streamed reply
+    python generate.py --model DIR --task rgen --data SRC --split train --out aug.jsonl
+
+Batches are left-padded: every row's last prompt token sits in the same slot, so one decode
+step serves the whole batch, and model.py gives each row its own positions and attention mask,
+so a row gets the tokens it would get alone. Rows that finish are dropped from the batch.
+
+References: gpt-fast generate.py (static cache, prefill / decode_one_token split),
+Holtzman et al. 2020 (nucleus / top-p sampling), Hugging Face `generate` (the semantics
+of temperature, top-k and top-p that our tests compare against).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model import Llama
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0   # 0 = greedy (argmax)
+    top_k: int = 0             # keep the k most likely tokens; 0 = off (1 = greedy)
+    top_p: float = 1.0         # keep the smallest set of tokens with this much mass; 1.0 = off
+    seed: int = 0              # with (seed, row key) each row has its own random stream
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def row_uniforms(keys, cfg: SamplingConfig) -> torch.Tensor:
+    """(B, max_new_tokens) uniforms in [0, 1): row b's stream depends only on (seed, keys[b]).
+
+    One shared generator would make a row's tokens depend on which rows share its batch;
+    numpy's SeedSequence turns (seed, key) into independent streams, so a prompt draws the
+    same numbers whatever batch it lands in, and a seed reproduces a run exactly."""
+    draws = [np.random.default_rng([cfg.seed, key]).random(cfg.max_new_tokens) for key in keys]
+    return torch.tensor(np.stack(draws), dtype=torch.float32)
+
+
+def sample(logits: torch.Tensor, u: torch.Tensor | None, cfg: SamplingConfig) -> torch.Tensor:
+    """Next token per row (B,) from logits (B, V) and one uniform per row u (B,) (None: greedy).
+
+    Inverse-CDF sampling: the token is where u falls in the cumulative distribution of the
+    kept tokens, so a row's choice depends on its own logits and its own u only."""
+    if cfg.greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)              # (B, V)
+    k = min(cfg.top_k or probs.size(-1), probs.size(-1))
+    probs, tokens = probs.topk(k, dim=-1)                                         # (B, k), most likely first
+    if cfg.top_p < 1.0:
+        probs = probs / probs.sum(-1, keepdim=True)  # top-p applies to what top-k kept, as in HF
+        # Drop a token once the tokens before it already reach top_p: the first always stays.
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= cfg.top_p, 0.0)
+    cdf = probs.cumsum(-1)                                                        # (B, k), unnormalised
+    choice = torch.searchsorted(cdf, u[:, None].to(cdf) * cdf[:, -1:])           # (B, 1)
+    return tokens.gather(-1, choice).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- one batch
+
+def prefill(model: Llama, ids, mask, cache) -> torch.Tensor:
+    """Run the left-padded prompts ids (B, T) once, filling the cache; last-position logits (B, V)."""
+    return model(ids, mask, cache=cache, last_only=True)[:, -1]
+
+
+def decode_one_token(model: Llama, tokens, cache) -> torch.Tensor:
+    """Feed one token per row (B,) after what the cache holds; next-token logits (B, V)."""
+    return model(tokens[:, None], cache=cache)[:, -1]
+
+
+def compile_decode():
+    """Swap in a torch.compile'd decode step (worth it on GPU, where one token is many small
+    kernels). dynamic=True: the batch shrinks as rows finish and the cache grows every step."""
+    global decode_one_token
+    decode_one_token = torch.compile(decode_one_token, dynamic=True)
+
+
+@torch.inference_mode()
+def generate_batch(model: Llama, prompts: list[list[int]], stop_ids, cfg: SamplingConfig,
+                   keys=None, on_token=None) -> list[dict]:
+    """Generate for one batch of prompts: prefill once, then one token per step until every row
+    has produced a stop id or max_new_tokens. keys: one int per prompt naming its random stream
+    (default: its index). on_token(row, token) is called for every reply token as it comes."""
+    device = model.embed_tokens.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, p in enumerate(prompts):                     # left padding: all prompts end in slot T-1
+        ids[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = 1
+    u = None if cfg.greedy else row_uniforms(range(B) if keys is None else keys, cfg).to(device)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
+
+    cache = model.new_cache(B, T + cfg.max_new_tokens)
+    logits = prefill(model, ids.to(device), mask.to(device), cache)
+    rows = torch.arange(B)                              # which prompt each live batch row is
+    replies, hit_limit = [[] for _ in range(B)], [True] * B
+    for step in range(cfg.max_new_tokens):
+        tokens = sample(logits, None if u is None else u[:, step], cfg)          # (b,)
+        tokens_cpu = tokens.cpu()                       # the one host sync per step
+        stopped = torch.isin(tokens_cpu, stop)
+        for row, token, done in zip(rows.tolist(), tokens_cpu.tolist(), stopped.tolist()):
+            if done:
+                hit_limit[row] = False                  # the stop id itself is not part of the reply
+            else:
+                replies[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
+        if step + 1 == cfg.max_new_tokens or stopped.all():
+            break
+        if stopped.any():                               # drop finished rows: they stop costing compute
+            keep = (~stopped).nonzero().squeeze(1)
+            rows, keep = rows[keep], keep.to(device)
+            cache.select(keep)
+            tokens = tokens[keep]
+            u = None if u is None else u[keep]
+        logits = decode_one_token(model, tokens, cache)
+    return [{"ids": r, "n_tokens": len(r), "hit_limit": h} for r, h in zip(replies, hit_limit)]
+
+
+# ----------------------------------------------------------------------------- many prompts
+
+def generate_ids(model: Llama, prompts: list[list[int]], stop_ids, cfg: SamplingConfig,
+                 batch_size: int = 32, progress: bool = False, keys=None) -> list[dict]:
+    """Replies to token-id prompts, in input order: dicts of ids (without the stop id), n_tokens
+    (= len(ids)) and hit_limit (max_new_tokens reached without a stop id). Prompts run in
+    batches of similar length, so little compute goes to padding. keys: see generate_batch."""
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+    keys = list(range(len(prompts))) if keys is None else list(keys)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results = [None] * len(prompts)
+    start, n_tokens = time.time(), 0
+    bar = tqdm(total=len(prompts), unit="row", disable=not progress, desc="generate")
+    for lo in range(0, len(order), batch_size):
+        batch = order[lo:lo + batch_size]
+        out = generate_batch(model, [prompts[i] for i in batch], stop_ids, cfg, keys=[keys[i] for i in batch])
+        for i, r in zip(batch, out):
+            results[i] = r
+        n_tokens += sum(r["n_tokens"] for r in out)
+        bar.update(len(batch))
+        bar.set_postfix_str(f"{n_tokens / (time.time() - start):.0f} tok/s")
+    bar.close()
+    return results
+
+
+def generate(model: Llama, tokenizer, conversations: list[list[dict]], cfg: SamplingConfig,
+             batch_size: int = 32, progress: bool = True) -> list[dict]:
+    """The assistant's reply to each conversation (a list of {"role", "content"} messages), in
+    input order: dicts of text, n_tokens and hit_limit."""
+    prompts = [tokenizer.render(messages, add_generation_prompt=True)[0] for messages in conversations]
+    results = generate_ids(model, prompts, tokenizer.stop_ids, cfg, batch_size, progress)
+    return [{"text": tokenizer.decode(r["ids"]), "n_tokens": r["n_tokens"], "hit_limit": r["hit_limit"]}
+            for r in results]
+
+
+def stream_reply(model: Llama, tokenizer, messages: list[dict], cfg: SamplingConfig, out=sys.stdout) -> dict:
+    """Generate one reply, writing it to `out` as it is produced; returns generate_batch's dict."""
+    prompt = tokenizer.render(messages, add_generation_prompt=True)[0]
+    ids, shown = [], ""
+
+    def show(_row, token):
+        # Decode the whole reply so far and print what is new: decoding token by token would
+        # split multi-byte characters and lose the spacing rules of the tokenizer.
+        nonlocal shown
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):                 # wait for the rest of a multi-byte character
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+
+    result = generate_batch(model, [prompt], tokenizer.stop_ids, cfg, on_token=show)[0]
+    out.write(tokenizer.decode(result["ids"])[len(shown):] + "\n")
+    out.flush()
+    return result
+
+
+# ----------------------------------------------------------------------------- stage 2: augmentation
+
+def rgen_prompt(tokenizer, row: dict) -> list[int]:
+    """The rgen prompt for an emotion row, built by the same function that training uses."""
+    import data as data_lib
+    messages = data_lib.prompt_messages("rgen", data_lib.emotion_as_rgen(row))
+    return tokenizer.render(messages, add_generation_prompt=True)[0]
+
+
+def output_row(row: dict, reasoning: str, result: dict) -> dict:
+    return {"id": row["id"], "text": row["text"], "label": row["label"], "reasoning": reasoning,
+            "n_tokens": result["n_tokens"], "hit_limit": result["hit_limit"]}
+
+
+def done_ids(path) -> set:
+    """Ids already in the jsonl at path (empty if none). A last line without its newline was
+    torn by a crash mid-write: it is cut off, so that its row is generated again."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1                          # 0 when there is no complete line
+    if end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            os.fsync(f.fileno())
+    ids = set()
+    for n, line in enumerate(raw[:end].decode("utf-8").splitlines(), 1):
+        try:
+            ids.add(json.loads(line)["id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}: line {n} is not a json row with an 'id'") from None
+    return ids
+
+
+def append_rows(path, rows: list[dict]):
+    """Append rows as jsonl and make them durable (flush + fsync): a kill loses only later rows."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path, obj):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def check_meta(out_path, meta: dict, force: bool):
+    """Refuse to resume out_path with other settings than those in its sidecar, unless force;
+    then (re)write the sidecar."""
+    out_path = Path(out_path)
+    meta_path = out_path.with_name(out_path.name + ".meta.json")
+    if out_path.exists() and not force:
+        if not meta_path.is_file():
+            raise ValueError(f"{out_path}: exists without {meta_path.name}, so its settings are unknown; "
+                             f"use --force to resume it anyway, or another --out")
+        old = json.loads(meta_path.read_text())
+        diff = [f"{k}={old.get(k)!r} (now {v!r})" for k, v in meta.items() if old.get(k) != v]
+        if diff:
+            raise ValueError(f"{out_path}: was generated with {', '.join(diff)}; "
+                             f"use --force to resume it anyway, or another --out")
+    write_json_atomic(meta_path, meta)
+
+
+def resolve_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
+    """Defaults: cuda if available, else cpu; bf16 on cuda, fp32 on cpu."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    return str(device), dtype
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None, batch_size: int = 32,
+            limit: int | None = None, force: bool = False, device=None, dtype=None, rows=None,
+            compile: bool = False) -> dict:
+    """Stage 2: write a reasoning for every emotion row of data/split (or of `rows`, when given)
+    to out_path (jsonl: id, text, label, reasoning, n_tokens, hit_limit). Resumable: rows whose
+    id is already in out_path are skipped. Returns (and prints) a summary."""
+    import data as data_lib
+    cfg = cfg or SamplingConfig()
+    rows = data_lib.read_emotion(data, split) if rows is None else rows
+    rows = rows[:limit] if limit else rows
+    seen = set()
+    for row in rows:
+        if row["id"] in seen:
+            raise ValueError(f"{data}: id {row['id']!r} appears more than once")
+        seen.add(row["id"])
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    local = Path(model_dir).expanduser()
+    meta = {"model": str(local.resolve()) if local.is_dir() else str(model_dir), "task": "rgen",
+            "prompt_version": data_lib.PROMPT_VERSION, **asdict(cfg)}
+    check_meta(out_path, meta, force)
+    done = done_ids(out_path)
+    todo = [row for row in rows if row["id"] not in done]
+
+    device, dtype = resolve_device_dtype(device, dtype)
+    model = Llama.from_pretrained(model_dir, dtype, device).eval()
+    tokenizer = data_lib.Tokenizer.from_dir(model_dir)
+    if compile:
+        compile_decode()
+    prompts = [rgen_prompt(tokenizer, row) for row in todo]
+    order = sorted(range(len(todo)), key=lambda i: len(prompts[i]))    # little padding per batch
+
+    summary = {"out": str(out_path), "rows": 0, "skipped": len(rows) - len(todo), "tokens": 0,
+               "hit_limit": 0, "empty": 0}
+    start = time.time()
+    bar = tqdm(total=len(todo), unit="row", desc="augment")
+    for lo in range(0, len(order), batch_size):
+        batch = order[lo:lo + batch_size]
+        # Random streams keyed by row id: a resumed or sharded run samples what a whole run would.
+        keys = [zlib.crc32(str(todo[i]["id"]).encode()) for i in batch]
+        results = generate_ids(model, [prompts[i] for i in batch], tokenizer.stop_ids, cfg,
+                               batch_size=len(batch), keys=keys)
+        written = [output_row(todo[i], tokenizer.decode(r["ids"]).strip(), r) for i, r in zip(batch, results)]
+        append_rows(out_path, written)
+        summary["rows"] += len(written)
+        summary["tokens"] += sum(r["n_tokens"] for r in written)
+        summary["hit_limit"] += sum(r["hit_limit"] for r in written)
+        summary["empty"] += sum(not r["reasoning"] for r in written)
+        bar.update(len(batch))
+        bar.set_postfix_str(f"{summary['tokens'] / (time.time() - start):.0f} tok/s")
+    bar.close()
+    summary["seconds"] = round(time.time() - start, 2)
+    print(f"augment: wrote {summary['rows']} rows to {out_path} ({summary['skipped']} were already there), "
+          f"{summary['tokens']} tokens, {summary['hit_limit']} hit the {cfg.max_new_tokens}-token limit, "
+          f"{summary['empty']} empty replies, {summary['seconds']:.1f} s")
+    return summary
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Chat with a model (--prompt, reply streamed) or run stage 2 (--task rgen: "
+                    "a reasoning for every emotion row, written to --out as resumable jsonl).",
+        epilog="Defaults are greedy decoding (deterministic, reproducible) and max_new_tokens 256, "
+               "the stage-2 settings. Rerun a stage-2 command to resume it.")
+    p.add_argument("--model", required=True, help="checkpoint folder (or hub id) with tokenizer files")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="one user message; the reply is printed as it is generated")
+    mode.add_argument("--task", choices=["rgen"], help="stage 2: reasoning augmentation of emotion rows")
+    p.add_argument("--system", help="system message for --prompt")
+    p.add_argument("--data", help="stage 2: emotion source (folder, file or hub id)")
+    p.add_argument("--split", default="train", help="stage 2: split of --data (default train)")
+    p.add_argument("--out", help="stage 2: output jsonl; resumed if it exists")
+    p.add_argument("--batch-size", type=int, default=32, help="stage 2: prompts per batch (default 32)")
+    p.add_argument("--limit", type=int, help="stage 2: only the first N rows")
+    p.add_argument("--force", action="store_true", help="stage 2: resume --out even if its settings differ")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling streams (default 0)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPU)")
+    args = p.parse_args(argv)
+
+    try:
+        cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+        if args.task:
+            if not args.data or not args.out:
+                p.error("--task rgen needs --data and --out")
+            augment(args.model, args.data, args.split, args.out, cfg, args.batch_size, args.limit,
+                    args.force, args.device, args.dtype, compile=args.compile)
+        else:
+            import data as data_lib
+            device, dtype = resolve_device_dtype(args.device, args.dtype)
+            model = Llama.from_pretrained(args.model, dtype, device).eval()
+            tokenizer = data_lib.Tokenizer.from_dir(args.model)
+            if args.compile:
+                compile_decode()
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            stream_reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], cfg)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"generate.py: {e}")
+    except KeyboardInterrupt:
+        sys.exit("generate.py: interrupted; rerun the same command to resume")
+
+
+if __name__ == "__main__":
+    main()
