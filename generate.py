@@ -102,11 +102,12 @@ def decode_one_token(model: Llama, tokens, cache) -> torch.Tensor:
     return model(tokens[:, None], cache=cache)[:, -1]
 
 
-def compile_decode():
+def compile_decode(backend="inductor"):
     """Swap in a torch.compile'd decode step (worth it on GPU, where one token is many small
-    kernels). dynamic=True: the batch shrinks as rows finish and the cache grows every step."""
+    kernels). dynamic=True: the batch shrinks as rows finish and the cache grows every step,
+    and neither should recompile. backend="aot_eager" traces without generating code (tests)."""
     global decode_one_token
-    decode_one_token = torch.compile(decode_one_token, dynamic=True)
+    decode_one_token = torch.compile(decode_one_token, dynamic=True, backend=backend)
 
 
 @torch.inference_mode()

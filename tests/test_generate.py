@@ -161,3 +161,50 @@ def test_sample_follows_the_distribution_and_truncates():
     assert set(sample(logits, u, SamplingConfig(temperature=1.0, top_p=0.5)).tolist()) == {1}
     cold = sample(logits, u, SamplingConfig(temperature=0.05))
     assert (cold == 1).float().mean() > 0.99
+
+
+def test_compiled_decode_step_gives_the_same_tokens(monkeypatch):
+    """Traced by dynamo with the aot_eager backend: the graph capture, cache mutation and dynamic
+    shapes are exercised; inductor's code generation (20+ s on CPU) is left to GPU runs."""
+    import generate
+    model = tiny_model()
+    prompts = prompts_of([3, 11, 6, 15])
+    expected = generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=4)
+    monkeypatch.setattr(generate, "decode_one_token", generate.decode_one_token)  # undone afterwards
+    generate.compile_decode(backend="aot_eager")
+    assert generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=4) == expected
+
+
+# ----------------------------------------------------------------------------- stage-2 file handling
+
+def test_done_ids_cuts_a_torn_last_line_and_names_a_bad_one(tmp_path):
+    out = tmp_path / "aug.jsonl"
+    assert done_ids(out) == set()
+    append_rows(out, [{"id": 1, "reasoning": "a"}, {"id": "b", "reasoning": "é"}])
+    whole = out.read_bytes()
+    with open(out, "ab") as f:
+        f.write(b'{"id": 3, "reaso')                   # a write cut short by a kill
+    assert done_ids(out) == {1, "b"}
+    assert out.read_bytes() == whole                   # repaired: the torn tail is gone
+    append_rows(out, [{"id": 3}])
+    assert done_ids(out) == {1, "b", 3}
+    out.write_text('{"id": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="aug.jsonl: line 2"):
+        done_ids(out)
+
+
+def test_sidecar_refuses_other_settings_unless_forced(tmp_path):
+    out = tmp_path / "aug.jsonl"
+    meta = {"model": "m", "prompt_version": "1", "max_new_tokens": 256}
+    check_meta(out, meta, force=False)                 # new file: the sidecar is written
+    meta_path = tmp_path / "aug.jsonl.meta.json"
+    assert json.loads(meta_path.read_text()) == meta
+    out.write_text("")
+    check_meta(out, meta, force=False)                 # same settings: resume
+    with pytest.raises(ValueError, match=r"max_new_tokens=256 \(now 64\).*--force"):
+        check_meta(out, {**meta, "max_new_tokens": 64}, force=False)
+    check_meta(out, {**meta, "max_new_tokens": 64}, force=True)
+    assert json.loads(meta_path.read_text())["max_new_tokens"] == 64
+    meta_path.unlink()
+    with pytest.raises(ValueError, match="settings are unknown"):
+        check_meta(out, meta, force=False)
