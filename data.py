@@ -114,8 +114,9 @@ class Tokenizer:
             if (folder / name).is_file():
                 eos = _read_json(folder / name).get("eos_token_id")
                 self.stop_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        text_end = [self.special[name] for name in TEXT_END_TOKENS if name in self.special]
-        self.pad_id = next(i for i in (self._config_token_id("pad_token"), *text_end, eos_id) if i is not None)
+        candidates = [self._config_token_id("pad_token"), *(self.special.get(name) for name in TEXT_END_TOKENS),
+                      eos_id, self.special[END_TOKENS[self.chat_format][0]]]
+        self.pad_id = next(i for i in candidates if i is not None)
 
     @classmethod
     def from_dir(cls, path_or_hub_id) -> "Tokenizer":
@@ -363,7 +364,7 @@ class RowStream:
 
     def __next__(self) -> dict:
         if self._left is not None and self._left <= 0:
-            raise StopIteration  # and the files after this one are never opened
+            raise StopIteration  # so the files after this one are never opened
         while (item := next(self._items)) is _SKIPPED:
             self.skipped += 1
         if self._left is not None:
@@ -380,7 +381,7 @@ _SKIPPED = object()  # what a skipped bad row becomes on its way to RowStream
 
 def _pyarrow_parquet(path):
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional: only parquet files need it
     except ImportError:
         raise ModuleNotFoundError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
     return pq
@@ -410,7 +411,7 @@ def _records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[str
         with open(path, newline="", encoding="utf-8") as f:
             for n, record in enumerate(csv.DictReader(f), 1):
                 yield f"row {n}", record
-    elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
+    elif name.endswith((".jsonl", ".jsonl.gz")):
         with (gzip.open(path, "rt", encoding="utf-8") if name.endswith(".gz") else open(path, encoding="utf-8")) as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
@@ -423,11 +424,11 @@ def _records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[str
         raise ValueError(f"{path}: unknown file type (expected .parquet, .csv, .jsonl or .jsonl.gz)")
 
 
-def _parse_file(path: Path, parse: Callable[[dict, int], dict], skip_bad: bool, first_index: int = 0,
-                columns: list[str] | None = None):
-    """Yield parse(record, index) for each row of one file (index counts every row, bad ones too,
-    from first_index); return the number of rows read. A bad row raises a one-line ValueError
-    naming the file and row, or with skip_bad yields _SKIPPED."""
+def _parse_file(path: Path, parse: Callable[[dict, int], dict], skip_bad: bool, first_index: int,
+                columns: list[str] | None):
+    """Yield parse(record, index) for each row of one file, index counting every row (bad ones
+    too) from first_index; return the number of rows. A bad row raises a one-line ValueError
+    naming the file and row, or with skip_bad yields _SKIPPED (and the file gets one warning)."""
     n, n_bad, first_bad = 0, 0, None
     for where, record in _records(path, columns):
         try:
@@ -445,6 +446,44 @@ def _parse_file(path: Path, parse: Callable[[dict, int], dict], skip_bad: bool, 
     return n
 
 
+def _parse_files(files: list[Path], parser_for: Callable, skip_bad: bool):
+    """_parse_file over several files (shards); parser_for(file) -> (parse, columns to read) is
+    called only when the file's turn comes. Row indices continue across files."""
+    index = 0
+    for file in files:
+        parse, columns = parser_for(file)
+        index += yield from _parse_file(file, parse, skip_bad, index, columns)
+
+
+def _collect(stream: RowStream) -> Rows:
+    rows = Rows(stream)
+    rows.skipped = stream.skipped
+    return rows
+
+
+def _local_or_download(source, **patterns) -> Path:
+    """source as a local path; a hub dataset id (owner/name) is downloaded once into the HF cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    hub_id = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(source)) and not str(source).endswith(
+        (".jsonl", ".gz", ".csv", ".parquet", ".json"))
+    if not hub_id:
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(source), repo_type="dataset", **patterns))
+    except Exception as e:  # offline, no such dataset, or gated
+        first_line = (str(e).splitlines() or [""])[0]
+        raise RuntimeError(f"{source}: not a local path, and downloading it from the Hugging Face hub failed "
+                           f"(offline? {type(e).__name__}: {first_line})") from None
+
+
+# ----------------------------------------------------------------------------- emotion
+
+EMOTION_SPLITS = ("train", "validation", "test")
+
+
 def _label_name(value) -> str | None:
     """A label id 0-5 (int or digits) or name (any case) as its LABELS name; None if neither."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -456,6 +495,7 @@ def _label_name(value) -> str | None:
 
 
 def _emotion_row(record: dict, index: int, extra: tuple[str, ...] = ()) -> dict:
+    """The record with label as a LABELS name and an id (its own, else index); _BadRow if unusable."""
     for name in ("text", "label") + extra:
         if record.get(name) is None:
             raise _BadRow(f"missing field '{name}' (found: {', '.join(record) or 'nothing'})")
@@ -467,38 +507,13 @@ def _emotion_row(record: dict, index: int, extra: tuple[str, ...] = ()) -> dict:
     for name in extra:
         if not isinstance(record[name], str) or not record[name].strip():
             raise _BadRow(f"empty {name}")
-    row_id = record["id"] if record.get("id") is not None else index
-    return {**record, "id": row_id, "label": label}
-
-
-def _is_hub_id(source) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", str(source))) and not str(source).startswith(".") \
-        and not str(source).endswith((".jsonl", ".gz", ".csv", ".parquet", ".json"))
-
-
-def _local_or_download(source, **patterns) -> Path:
-    """source as a local path; a hub dataset id (owner/name) is downloaded once into the HF cache."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    if not _is_hub_id(source):
-        raise FileNotFoundError(f"{source}: no such file or folder")
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(str(source), repo_type="dataset", **patterns))
-    except Exception as e:  # offline, no such dataset, or gated
-        first_line = (str(e).splitlines() or [""])[0]
-        raise RuntimeError(f"{source}: not a local path, and downloading it from the Hugging Face hub failed "
-                           f"(offline? {type(e).__name__}: {first_line})") from None
-
-
-EMOTION_SPLITS = ("train", "validation", "test")
+    return {**record, "id": record["id"] if record.get("id") is not None else index, "label": label}
 
 
 def _emotion_files(folder: Path, split: str) -> list[Path]:
     # The hub's "split" config (split/), an export or mirror (data/), a config folder itself
-    # (e.g. point at .../unsplit: its 417k rows overlap the split config's test set, so it is
-    # never picked implicitly), the older data/{split}.jsonl.gz files, and plain files.
+    # (point at .../unsplit to read that config: its 417k rows overlap the split config's test
+    # set, so it is never picked implicitly), the older data/{split}.jsonl.gz, and plain files.
     patterns = [f"split/{split}-*.parquet", f"data/{split}-*.parquet", f"{split}-*.parquet",
                 f"data/{split}.jsonl.gz", f"{split}.jsonl", f"{split}.jsonl.gz", f"{split}.csv", f"{split}.parquet"]
     for pattern in patterns:
@@ -511,12 +526,13 @@ def _emotion_files(folder: Path, split: str) -> list[Path]:
 def read_emotion(source, split: str, skip_bad: bool = False) -> Rows:
     """dair-ai/emotion rows {id, text, label}: label a LABELS name, id the file's id column or
     else the row's index in the split. source: a folder in one of the hub's layouts (see
-    _emotion_files), a single .parquet/.jsonl(.gz)/.csv file (which is the split), or a hub id."""
+    _emotion_files), a single .parquet/.jsonl(.gz)/.csv file (which is the split), or a hub id.
+    Labels may be ids 0-5 or names."""
     if split not in EMOTION_SPLITS:
         raise ValueError(f"split '{split}' is not one of {', '.join(EMOTION_SPLITS)}")
     path = _local_or_download(source, ignore_patterns=["unsplit/*"])  # 27 MB we would never read
     files = [path] if path.is_file() else _emotion_files(path, split)
-    for file in files:
+    for file in files:  # checked up front: wrong columns are the file's fault, never skipped
         found = _columns(file)
         if found is not None and not {"text", "label"} <= set(found):
             raise ValueError(f"{file}: expected columns text and label, found: {', '.join(found) or 'none'}")
@@ -524,7 +540,7 @@ def read_emotion(source, split: str, skip_bad: bool = False) -> Rows:
     def parse(record, index):
         row = _emotion_row(record, index)
         return {"id": row["id"], "text": row["text"], "label": row["label"]}
-    return _collect(RowStream(_parse_files(files, lambda file: parse, skip_bad)))
+    return _collect(RowStream(_parse_files(files, lambda file: (parse, None), skip_bad)))
 
 
 def read_augmented(path, skip_bad: bool = False) -> Rows:
@@ -535,44 +551,19 @@ def read_augmented(path, skip_bad: bool = False) -> Rows:
 
     def parse(record, index):
         return _emotion_row(record, index, extra=("reasoning",))
-    return _collect(RowStream(_parse_files([path], lambda file: parse, skip_bad)))
+    return _collect(RowStream(_parse_files([path], lambda file: (parse, None), skip_bad)))
 
 
-def _collect(stream: RowStream) -> Rows:
-    rows = Rows(stream)
-    rows.skipped = stream.skipped
-    return rows
-
-
-def _parse_files(files: list[Path], parse_for: Callable, skip_bad: bool, columns_for: Callable = lambda file: None):
-    """_parse_file over several files (shards) with parse_for(file) as the parser and
-    columns_for(file) as the columns to read; row indices continue across files."""
-    index = 0
-    for file in files:
-        index += yield from _parse_file(file, parse_for(file), skip_bad, index, columns_for(file))
-
+# ----------------------------------------------------------------------------- reasoning-gen
 
 # syvai/reasoning-gen's columns are read from each file and matched by name to these roles.
-# (Its dataset card was not in our references; the paper names the three parts question, answer
-# and reasoning, so we accept those and the usual aliases, and name the columns found otherwise.)
+# (Its dataset card is not in our references; the paper names the parts question, answer and
+# reasoning, so we accept those and the usual aliases, and name the columns found otherwise.)
 RGEN_COLUMNS = {
     "question": ("question", "prompt", "instruction", "input", "query", "problem"),
     "answer": ("answer", "response", "output", "completion", "final_answer", "solution"),
     "reasoning": ("reasoning", "rationale", "thinking", "thoughts", "thought", "explanation", "chain_of_thought", "cot"),
 }
-
-
-def _rgen_mapping(file: Path, found: list[str]) -> dict[str, str]:
-    """role -> the file's column for it, e.g. {"question": "prompt", ...}."""
-    by_lower = {name.lower(): name for name in found}
-    mapping = {role: next((by_lower[a] for a in aliases if a in by_lower), None) for role, aliases in RGEN_COLUMNS.items()}
-    missing = [role for role, column in mapping.items() if column is None]
-    if missing:
-        raise ValueError(f"{file}: no column for {', '.join(missing)} (found: {', '.join(found) or 'none'}; "
-                         f"accepted: {'; '.join('/'.join(a) for a in RGEN_COLUMNS.values())})")
-    if "id" in by_lower:
-        mapping["id"] = by_lower["id"]
-    return mapping
 
 
 def _rgen_files(path: Path) -> list[Path]:
@@ -585,34 +576,38 @@ def _rgen_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no .parquet or .jsonl files here")
 
 
+def _rgen_parser(file: Path):
+    """The row parser for one reasoning-gen file and the columns it reads, from the file's columns."""
+    found = _columns(file)
+    if found is None:  # jsonl: the first record's keys
+        found = next((list(record) for _, record in _records(file) if record is not None), [])
+    by_lower = {name.lower(): name for name in found}
+    columns = {role: next((by_lower[a] for a in aliases if a in by_lower), None) for role, aliases in RGEN_COLUMNS.items()}
+    missing = [role for role, column in columns.items() if column is None]
+    if missing:
+        raise ValueError(f"{file}: no column for {', '.join(missing)} (found: {', '.join(found) or 'none'}; "
+                         f"accepted: {'; '.join('/'.join(a) for a in RGEN_COLUMNS.values())})")
+    id_column = by_lower.get("id")
+
+    def parse(record, index):
+        row = {"id": record.get(id_column) if id_column else None}
+        for role, column in columns.items():
+            value = record.get(column)
+            if not isinstance(value, str) or not value.strip():
+                raise _BadRow(f"{'missing' if value is None else 'empty'} {role} (column '{column}')")
+            row[role] = value
+        row["id"] = index if row["id"] is None else row["id"]
+        return row
+    return parse, list(columns.values()) + ([id_column] if id_column else [])
+
+
 def iter_reasoning_gen(source, max_examples: int | None = None, skip_bad: bool = False) -> RowStream:
     """syvai/reasoning-gen rows {id, question, answer, reasoning}, streamed shard by shard and
     batch by batch (the real set is ~350k rows in ~215 MB parquet shards); stops after
-    max_examples good rows without opening later shards. source: folder, file or hub id."""
+    max_examples good rows without opening later shards. source: folder, file or hub id.
+    id is the file's id column, else the row's index over all shards."""
     files = _rgen_files(_local_or_download(source))
-    mappings = {}
-
-    def columns_of(file):
-        found = _columns(file)
-        if found is None:  # jsonl: the first record's keys
-            found = next((list(r) for _, r in _records(file) if r is not None), [])
-        mappings[file] = _rgen_mapping(file, found)
-        return list(mappings[file].values())
-
-    def parse_for(file):
-        def parse(record, index):
-            m = mappings[file]
-            row = {"id": record.get(m["id"]) if m.get("id") else None}
-            for role in RGEN_COLUMNS:
-                value = record.get(m[role])
-                if not isinstance(value, str) or not value.strip():
-                    raise _BadRow(f"{'missing' if value is None else 'empty'} {role} (column '{m[role]}')")
-                row[role] = value
-            row["id"] = row["id"] if row["id"] is not None else index
-            return row
-        return parse
-
-    return RowStream(_parse_files(files, parse_for, skip_bad, columns_of), max_examples)
+    return RowStream(_parse_files(files, _rgen_parser, skip_bad), max_examples)
 
 
 def write_reasoning_gen_demo(folder, rows: list[dict], shards: int = 2) -> Path:
@@ -631,9 +626,8 @@ def write_reasoning_gen_demo(folder, rows: list[dict], shards: int = 2) -> Path:
     per_shard = -(-len(rows) // shards)
     for i in range(shards):
         part = rows[i * per_shard:(i + 1) * per_shard]
-        table = pa.table({c: [r[c] for r in part] for c in columns})
         target = data / f"train-{i:05d}-of-{shards:05d}.parquet"
         tmp = target.with_name(f".{target.name}.tmp")
-        pq.write_table(table, tmp)
+        pq.write_table(pa.table({c: [r[c] for r in part] for c in columns}), tmp)
         os.replace(tmp, target)
     return Path(folder)

@@ -32,6 +32,7 @@ CONVERSATIONS = {
     "multi": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "one"},
               {"role": "assistant", "content": "first answer"}, {"role": "user", "content": " two\n"},
               {"role": "assistant", "content": "\nsecond answer with  spaces "}],
+    "unicode": [{"role": "user", "content": "Ça va? 😊"}, {"role": "assistant", "content": "très bien 😊 – merci"}],
 }
 
 
@@ -117,6 +118,13 @@ def test_mask_covers_every_assistant_turn(toks, fmt):
     targets = "".join(strip(m["content"]) + END_OF_TURN[fmt] for m in CONVERSATIONS["multi"] if m["role"] == "assistant")
     assert raw_decode(tok, [i for i, m in zip(ids, mask) if m]) == targets
     assert sum(m for i, m in zip(ids, mask) if i == eot) == 2 and ids.count(eot) == 5
+
+
+@pytest.mark.parametrize("fmt", ["llama3", "chatml"])
+def test_mask_with_multibyte_characters(toks, fmt):
+    tok = toks[fmt]
+    ids, mask = tok.render(CONVERSATIONS["unicode"])
+    assert raw_decode(tok, [i for i, m in zip(ids, mask) if m]) == "très bien 😊 – merci" + END_OF_TURN[fmt]
 
 
 @pytest.mark.parametrize("fmt", ["llama3", "chatml"])
