@@ -1,0 +1,432 @@
+"""train.py on tiny random models, on CPU: the loss positions, gradient accumulation, parity with
+transformers' loss, overfitting, exact resume (in process, after SIGINT and after SIGKILL),
+the optimizer groups and schedule, and the CLI end to end.
+
+Everything is built in tmp dirs (tokenizers by data.build_tokenizer, models by Llama(LlamaConfig)):
+no downloads. Torch runs on one thread here: tiny matmuls are faster that way on a shared 2-core
+machine, and the subprocesses get the same setting so that their losses compare bit for bit.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import data
+import train
+from model import Llama, LlamaConfig
+from train import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+WORDS = {"sadness": "sad lonely tears gloomy", "joy": "happy glad smile cheerful", "love": "love dear adore tender",
+         "anger": "angry mad rage furious", "fear": "afraid scared panic nervous",
+         "surprise": "shocked amazed wow sudden"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def emotion_row(rng: random.Random, i: int) -> dict:
+    label = rng.choice(data.LABELS)
+    text = "i feel " + " ".join(rng.choice(WORDS[label].split()) for _ in range(rng.randint(1, 10)))
+    reasoning = " ".join(f"The word {w} suggests {label}." for w in text.split()[2:][:rng.randint(1, 4)])
+    return {"id": i, "text": text, "label": label, "reasoning": reasoning}
+
+
+def write_jsonl(path: Path, rows, keys):
+    path.write_text("".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in rows))
+    return path
+
+
+def tiny_config(tokenizer: data.Tokenizer, tied: bool) -> LlamaConfig:
+    return LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied,
+                       bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tiny emotion data (a folder with train/validation splits), a stage-2 jsonl, reasoning-gen rows,
+    and a tiny model + tokenizer per chat format (llama3 with tied embeddings, chatml untied)."""
+    root = tmp_path_factory.mktemp("assets")
+    rng = random.Random(0)
+    rows = [emotion_row(rng, i) for i in range(80)]
+    emotion = root / "emotion"
+    emotion.mkdir()
+    write_jsonl(emotion / "train.jsonl", rows[:48], ("text", "label"))
+    write_jsonl(emotion / "validation.jsonl", rows[48:60], ("text", "label"))
+    augmented = write_jsonl(root / "augmented.jsonl", rows[:48], ("id", "text", "label", "reasoning"))
+    rgen_rows = [{"id": i, "question": f"What is {i} plus {i}?", "answer": str(2 * i),
+                  "reasoning": f"Adding {i} to itself doubles it. " * (1 + i % 3)} for i in range(12)]
+    rgen = root / "rgen"
+    rgen.mkdir()
+    write_jsonl(rgen / "train.jsonl", rgen_rows, ("question", "answer", "reasoning"))
+
+    texts = [r["text"] + " " + r["reasoning"] for r in rows] + [r["question"] + r["reasoning"] for r in rgen_rows]
+    texts += [data.CLASSIFY_PROMPT, data.RGEN_PROMPT, "system user assistant Emotion: " + " ".join(data.LABELS)]
+    models = {}
+    for chat_format, tied in (("llama3", True), ("chatml", False)):
+        tokenizer_dir = data.build_tokenizer(texts, root / f"tok-{chat_format}", chat_format=chat_format,
+                                             vocab_size=400)
+        torch.manual_seed(0)
+        model = Llama(tiny_config(data.Tokenizer.from_dir(tokenizer_dir), tied))
+        models[chat_format] = model.save_pretrained(root / f"model-{chat_format}", tokenizer_dir=tokenizer_dir)
+    return SimpleNamespace(root=root, emotion=emotion, augmented=augmented, rgen=rgen, rows=rows,
+                           rgen_rows=rgen_rows, model=models)
+
+
+def run_config(assets, out, **kw) -> TrainConfig:
+    """A few seconds of q2a training: 48 examples, 6 optimizer steps of 4 x 2 per epoch."""
+    settings = dict(task="q2a", data=str(assets.emotion), out=str(out), model=str(assets.model["llama3"]),
+                    batch_size=4, grad_accum=2, epochs=5, lr=3e-3, warmup_ratio=0.1, eval_every=4, save_every=5,
+                    dtype="fp32", device="cpu", seed=1, length_chunk=2)
+    return TrainConfig(**{**settings, **kw})
+
+
+def examples_of(task: str, tokenizer, rows, max_seq_len=512) -> list[train.Example]:
+    cfg = TrainConfig(task=task, data="", out="", max_seq_len=max_seq_len)
+    return train.encode(cfg, tokenizer, rows, "test")[0]
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def trajectory(out) -> list[tuple]:
+    """What must be identical between runs: everything but the timings."""
+    return [(m["step"], m["epoch"], m["loss"], m["lr"], m["grad_norm"], m.get("val_loss")) for m in metrics(out)]
+
+
+def grads(model, micro_batches):
+    model.zero_grad(set_to_none=True)
+    loss = train.forward_backward(model, micro_batches, bf16=False)
+    return loss, [p.grad.clone() for p in model.parameters()]
+
+
+# ----------------------------------------------------------------------------- loss positions
+
+@pytest.mark.parametrize("chat_format", ["llama3", "chatml"])
+@pytest.mark.parametrize("task", data.TASKS)
+def test_loss_positions_predict_exactly_the_reply(assets, task, chat_format):
+    """Through encode_example, right padding and the shift by one: the tokens that get a loss,
+    decoded, are exactly the assistant's reply and its end-of-turn token, for every row."""
+    tokenizer = data.Tokenizer.from_dir(assets.model[chat_format])
+    rows = assets.rgen_rows[:4] if task == "rgen" else assets.rows[:4]
+    batch = train.collate(examples_of(task, tokenizer, rows), tokenizer.pad_id)
+    T = batch.input_ids.shape[1]
+    b, t = batch.loss_pos // T, batch.loss_pos % T
+    assert torch.equal(batch.input_ids[b, t + 1], batch.targets)  # position t predicts token t + 1
+    lengths = {len(examples_of(task, tokenizer, [row])[0].ids) for row in rows}
+    assert len(lengths) > 1  # the batch really is padded
+    for i, row in enumerate(rows):
+        reply = tokenizer.tk.decode(batch.targets[b == i].tolist(), skip_special_tokens=False)
+        assert reply == data.target_text(task, row) + END_OF_TURN[chat_format]
+
+
+def test_truncation_and_bad_rows_are_counted(assets, tmp_path):
+    tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
+    lengths = sorted(len(tokenizer.render(data.example_messages("q2ra", r))[0]) for r in assets.rows[:48])
+    limit = lengths[24]  # half the examples are longer
+    cfg = TrainConfig(task="q2ra", data=str(assets.augmented), out="", val_examples=8, max_seq_len=limit)
+    train_set, val_set, counts = train.load_examples(cfg, tokenizer)
+    assert counts == {"truncated_examples": sum(n > limit for n in lengths), "skipped_bad_rows": 0}
+    assert len(train_set) + len(val_set) == 48 and max(len(ex.ids) for ex in train_set + val_set) == limit
+    # a cut that leaves no reply token drops the example (the log says so)
+    prompt = max(len(tokenizer.render(data.prompt_messages("q2ra", r), add_generation_prompt=True)[0])
+                 for r in assets.rows[:48])
+    train_set, val_set, counts = train.load_examples(replace(cfg, max_seq_len=prompt), tokenizer)
+    assert counts["truncated_examples"] == 48 and len(train_set) + len(val_set) < 48
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(assets.augmented.read_text() + json.dumps({"text": "x", "label": "boredom", "reasoning": "r"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 49"):
+        train.load_examples(replace(cfg, data=str(bad)), tokenizer)
+    *_, counts = train.load_examples(replace(cfg, data=str(bad), skip_bad=True), tokenizer)
+    assert counts["skipped_bad_rows"] == 1
+
+
+def test_validation_rows(assets):
+    """The emotion 'validation' split when there is one; a seeded held-out slice of a single file;
+    the first rows of the reasoning-gen stream."""
+    tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
+    cfg = TrainConfig(task="q2a", data=str(assets.emotion), out="", val_examples=5, max_examples=20)
+    train_set, val_set, _ = train.load_examples(cfg, tokenizer)
+    assert len(train_set) == 20 and [ex.ids.tolist() for ex in val_set] == \
+        [ex.ids.tolist() for ex in examples_of("q2a", tokenizer, assets.rows[48:53])]
+
+    cfg = replace(cfg, task="q2ra", data=str(assets.augmented), max_examples=0)
+    train_set, val_set, _ = train.load_examples(cfg, tokenizer)
+    again = train.load_examples(cfg, tokenizer)[1]
+    other_seed = train.load_examples(replace(cfg, seed=1), tokenizer)[1]
+    all_ids = {tuple(ex.ids.tolist()) for ex in examples_of("q2ra", tokenizer, assets.rows[:48])}
+    held_out = {tuple(ex.ids.tolist()) for ex in val_set}
+    assert len(train_set) == 43 and len(held_out) == 5 and held_out <= all_ids
+    assert held_out.isdisjoint(tuple(ex.ids.tolist()) for ex in train_set)
+    assert [ex.ids.tolist() for ex in again] == [ex.ids.tolist() for ex in val_set]
+    assert {tuple(ex.ids.tolist()) for ex in other_seed} != held_out
+
+    cfg = replace(cfg, task="rgen", data=str(assets.rgen), max_examples=6, val_examples=3)
+    train_set, val_set, _ = train.load_examples(cfg, tokenizer)
+    expected = examples_of("rgen", tokenizer, assets.rgen_rows[:9])
+    assert [ex.ids.tolist() for ex in val_set + train_set] == [ex.ids.tolist() for ex in expected]
+
+
+def test_batch_order_is_seeded_complete_and_length_grouped():
+    lengths = [random.Random(i).randint(5, 500) for i in range(400)]
+    order = train.batch_order(lengths, batch_size=8, chunk=10, seed=3, epoch=0)
+    assert sorted(i for batch in order for i in batch) == list(range(400))
+    assert order == train.batch_order(lengths, batch_size=8, chunk=10, seed=3, epoch=0)
+    assert order != train.batch_order(lengths, batch_size=8, chunk=10, seed=3, epoch=1)
+    assert order != train.batch_order(lengths, batch_size=8, chunk=10, seed=4, epoch=0)
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert padding(order) < 0.2 * padding(train.batch_order(lengths, batch_size=8, chunk=1, seed=3, epoch=0))
+
+
+# ----------------------------------------------------------------------------- loss and gradients
+
+def test_gradient_accumulation_equals_one_big_batch(assets):
+    """4 micro-batches of 2 and one batch of 8 (unequal lengths, so each micro-batch has its own
+    padding and target count) give the same loss and gradients: atol 1e-6, rtol 1e-5 in fp32."""
+    model = Llama.from_pretrained(assets.model["llama3"])
+    tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
+    examples = examples_of("q2ra", tokenizer, assets.rows[:8])
+    assert len({len(ex.ids) for ex in examples}) >= 4
+    big = [train.collate(examples, tokenizer.pad_id)]
+    micro = [train.collate(examples[i:i + 2], tokenizer.pad_id) for i in range(0, 8, 2)]
+    assert len({len(b.targets) for b in micro}) > 1
+    loss_big, grads_big = grads(model, big)
+    loss_micro, grads_micro = grads(model, micro)
+    assert loss_micro == pytest.approx(loss_big, rel=1e-6)
+    for g_big, g_micro in zip(grads_big, grads_micro):
+        torch.testing.assert_close(g_micro, g_big, atol=1e-6, rtol=1e-5)
+    # The tolerance is tight enough to catch the classic mistake: averaging the micro-batch means.
+    model.zero_grad(set_to_none=True)
+    for b in micro:
+        (train.loss_sum(model, b, False) / len(b.targets) / len(micro)).backward()
+    worst = max((p.grad - g).abs().max().item() for p, g in zip(model.parameters(), grads_big))
+    assert worst > 100 * 1e-6
+
+
+@pytest.mark.parametrize("chat_format", ["llama3", "chatml"])
+def test_loss_matches_transformers(assets, chat_format):
+    """Our masked loss == LlamaForCausalLM's loss on the same saved folder, labels -100 off target."""
+    from transformers import LlamaForCausalLM
+    folder = assets.model[chat_format]
+    tokenizer = data.Tokenizer.from_dir(folder)
+    batch = train.collate(examples_of("q2ra", tokenizer, assets.rows[:6]), tokenizer.pad_id)
+    with torch.no_grad():
+        ours = train.loss_sum(Llama.from_pretrained(folder), batch, bf16=False) / len(batch.targets)
+        T = batch.input_ids.shape[1]
+        labels = torch.full_like(batch.input_ids, -100).flatten()
+        labels[batch.loss_pos + 1] = batch.targets  # HF shifts the labels itself
+        lengths = [len(ex.ids) for ex in examples_of("q2ra", tokenizer, assets.rows[:6])]
+        attention_mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
+        hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        theirs = hf(input_ids=batch.input_ids, attention_mask=attention_mask, labels=labels.view(-1, T)).loss
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(assets):
+    model = Llama.from_pretrained(assets.model["chatml"]).train()
+    tokenizer = data.Tokenizer.from_dir(assets.model["chatml"])
+    micro = [train.collate(examples_of("q2ra", tokenizer, assets.rows[i:i + 3]), tokenizer.pad_id) for i in (0, 3)]
+    loss_plain, grads_plain = grads(model, micro)
+    model.gradient_checkpointing = True
+    loss_ckpt, grads_ckpt = grads(model, micro)
+    assert loss_ckpt == loss_plain
+    for a, b in zip(grads_plain, grads_ckpt):
+        torch.testing.assert_close(b, a, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_tiny_model_overfits_tiny_dataset(assets, tmp_path, grad_checkpointing):
+    cfg = run_config(assets, tmp_path / "run", epochs=8, lr=1e-2, grad_checkpointing=grad_checkpointing)
+    best = train.train(cfg)
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 48 and rows[-1]["loss"] < 0.2 * rows[0]["loss"]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert min(val) < 0.5 * val[0]
+    # best/ holds the model with the lowest validation loss
+    tokenizer = data.Tokenizer.from_dir(best)
+    val_set = examples_of("q2a", tokenizer, assets.rows[48:60])
+    batches = [train.collate(val_set[i:i + 4], tokenizer.pad_id) for i in range(0, len(val_set), 4)]
+    assert train.validation_loss(Llama.from_pretrained(best), batches, bf16=False) == pytest.approx(min(val), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+@pytest.mark.parametrize("chat_format", ["llama3", "chatml"])
+def test_weight_decay_only_on_matrices(assets, chat_format):
+    model = Llama.from_pretrained(assets.model[chat_format])
+    optimizer = train.build_optimizer(model, TrainConfig(task="q2a", data="", out="", weight_decay=0.1),
+                                      torch.device("cpu"))
+    decay, no_decay = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if "norm" in n}
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied: once
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(task="q2a", data="", out="", lr=1e-3, warmup_ratio=0.1, min_lr_ratio=0.1)
+    lr = [train.lr_at(step, cfg, total_steps=101) for step in range(101)]
+    assert lr[0] == pytest.approx(1e-4) and lr[4] == pytest.approx(5e-4) and lr[9] == pytest.approx(1e-3)
+    assert lr[10] == pytest.approx(1e-3)                       # cosine starts at the peak,
+    assert lr[55] == pytest.approx(0.55e-3)                    # is halfway down halfway,
+    assert lr[100] == pytest.approx(1e-4)                      # and ends at lr * min_lr_ratio
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    assert train.lr_at(0, replace(cfg, warmup_ratio=0.0), 101) == pytest.approx(1e-3)
+
+
+# ----------------------------------------------------------------------------- resume
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):
+    """The reference: 30 optimizer steps over 5 epochs in one go."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train.train(run_config(assets, out))
+    return out
+
+
+def assert_same_run(out, reference, extra_eval_at=None):
+    """Same losses, lr, gradient norms and validation losses, and the same best/ and last/ weights.
+    A run stopped by --max-steps also evaluates where it stops: that one extra val_loss is left out."""
+    ours = [row[:-1] + (None,) if row[0] == extra_eval_at else row for row in trajectory(out)]
+    assert ours == trajectory(reference)
+    for name in ("last", "best"):
+        a = Llama.from_pretrained(Path(out) / name).state_dict()
+        b = Llama.from_pretrained(Path(reference) / name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+
+
+@pytest.mark.parametrize("stop_at", [6, 14])  # at an epoch's end, and inside an epoch
+def test_resume_continues_exactly(assets, tmp_path, uninterrupted, stop_at):
+    assert len(trajectory(uninterrupted)) == 30
+    cfg = run_config(assets, tmp_path)
+    train.train(replace(cfg, max_steps=stop_at))
+    assert len(metrics(tmp_path)) == stop_at
+    train.train(replace(cfg, resume=True))
+    assert_same_run(tmp_path, uninterrupted, extra_eval_at=stop_at)
+
+
+def test_resume_refuses_a_different_run(assets, tmp_path, uninterrupted):
+    cfg = run_config(assets, tmp_path)
+    train.train(replace(cfg, max_steps=2))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.train(cfg)
+    with pytest.raises(ValueError, match="lr=0.003.*lr=0.1"):
+        train.train(replace(cfg, lr=0.1, resume=True))
+    with pytest.raises(FileNotFoundError, match="train_state.pt"):
+        train.train(replace(cfg, out=str(tmp_path / "nothing"), resume=True))
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    args = []
+    for name, value in vars(cfg).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args += [flag] if value else []
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def start_cli(args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, proc, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before the signal:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_resume_after_a_real_interruption(assets, tmp_path, uninterrupted, sig):
+    """A real process: Ctrl-C saves OUT/last at the end of the current step and exits 130;
+    SIGKILL loses the steps since the last save (their metrics lines are dropped on resume).
+    Either way the resumed run equals the uninterrupted one."""
+    cfg = run_config(assets, tmp_path)
+    proc = start_cli(cli_args(cfg))
+    if sig == signal.SIGINT:
+        wait_for(lambda: (tmp_path / "metrics.jsonl").is_file() and len(metrics(tmp_path)) >= 2, proc)
+    else:  # after the first save (step 5) and a little more
+        wait_for(lambda: (tmp_path / "last" / "train_state.pt").is_file() and len(metrics(tmp_path)) >= 7, proc)
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=60)[0]
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, output
+        assert "continue with --resume" in output
+        state = torch.load(tmp_path / "last" / "train_state.pt", weights_only=True)
+        assert state["step"] == len(metrics(tmp_path)) < 30
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    train.train(replace(cfg, resume=True))
+    assert_same_run(tmp_path, uninterrupted)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+def test_cli_end_to_end(assets, tmp_path):
+    """bf16 autocast (on CPU), checkpoints that transformers loads, and every output file."""
+    out = tmp_path / "run"
+    proc = start_cli(["--task", "q2a", "--model", str(assets.model["llama3"]), "--data", str(assets.emotion),
+                      "--out", str(out), "--max-steps", "3", "--eval-every", "2", "--batch-size", "8",
+                      "--grad-accum", "1", "--device", "cpu"])
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["config"]["dtype"] == "bf16" and config["config"]["max_seq_len"] == 512
+    assert config["train_examples"] == 48 and config["val_examples"] == 12
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and "val_loss" in rows[1] and "val_loss" in rows[2]
+    assert all(r["tokens_per_s"] > r["target_tokens_per_s"] > 0 for r in rows)
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "loss.png").stat().st_size > 0
+    except ImportError:
+        assert "no loss.png" in output
+
+    from transformers import LlamaForCausalLM
+    ids = torch.tensor([examples_of("q2a", data.Tokenizer.from_dir(out / "last"), assets.rows[:1])[0].ids.tolist()])
+    for name in ("best", "last"):
+        hf = LlamaForCausalLM.from_pretrained(out / name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, Llama.from_pretrained(out / name)(ids), atol=1e-5, rtol=1e-4)
+    assert torch.load(out / "last" / "train_state.pt", weights_only=True)["step"] == 3
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.parse_args(["--help"])
+    assert exit.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in vars(TrainConfig(task="q2a", data="", out="")):
+        assert "--" + name.replace("_", "-") in text
+    assert "(default: 1e-05)" in text and "{bf16,fp32}" in text
+
+
+def test_cli_flags_round_trip():
+    cfg = TrainConfig(task="rgen", data="d", out="o", lr=2e-5, epochs=1.5, grad_checkpointing=True, max_steps=7)
+    assert train.parse_args(cli_args(cfg)) == cfg

@@ -1,0 +1,526 @@
+"""Stages 1 and 3: supervised fine-tuning of a Llama checkpoint, with the loss on the reply only.
+
+    python train.py --task q2a --data dair-ai/emotion --out runs/q2a
+    python train.py --task rgen --data syvai/reasoning-gen --max-examples 20000 --epochs 1 --out runs/rgen
+
+Read top to bottom, as nanoGPT's train.py: config, seed and device, data (rows -> token ids
+and target masks -> length-grouped batches), model, optimizer, schedule, and the loop with
+validation and checkpoints. A run writes to --out:
+
+    train_config.json   the full config (and what the data turned out to be)
+    metrics.jsonl       one line per optimizer step: loss, lr, grad norm, speed (+ val_loss)
+    loss.png            the loss curves, when matplotlib is installed
+    best/               the checkpoint with the lowest validation loss (Hugging Face layout)
+    last/               the latest checkpoint, plus train_state.pt for --resume
+
+Precision: with --dtype bf16 the weights, gradients and AdamW state stay fp32 (the master
+copy) and only the forward/backward matmuls run in bf16 under autocast. A bf16 weight cannot
+take an update below ~1/256 of its size, so lr 1e-5 steps would mostly round away; fp32
+masters keep them. Llama-3.2-1B then needs 4 + 4 + 8 bytes per parameter = ~20 GB plus
+activations: one 80 GB GPU.
+
+References: Karpathy's nanoGPT (train.py); Loshchilov & Hutter 2019 (AdamW, cosine schedule);
+Chen et al. 2016 (gradient checkpointing); Micikevicius et al. 2018 (mixed precision with
+fp32 master weights).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from model import Llama, replace_dir, resolve_checkpoint
+
+
+# ----------------------------------------------------------------------------- config
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    task: str = field(metadata={"help": "rgen (stage 1: question + answer -> reasoning), q2a (text -> emotion) "
+                                        "or q2ra (text -> reasoning + 'Emotion: <label>')",
+                                "choices": data.TASKS})
+    data: str = field(metadata={"help": "rgen: reasoning-gen folder or hub id; q2a: emotion folder, file or hub "
+                                        "id; q2ra: the stage-2 jsonl (text, label, reasoning)"})
+    out: str = field(metadata={"help": "run folder: train_config.json, metrics.jsonl, loss.png, best/, last/"})
+    model: str = _f("meta-llama/Llama-3.2-1B-Instruct", "checkpoint folder or hub id to start from "
+                    "(its tokenizer is used and copied into every checkpoint)")
+    max_examples: int = _f(0, "training examples used (0: all); rgen streams only this many rows")
+    val_examples: int = _f(500, "validation examples: the first N of the emotion 'validation' split when it "
+                           "exists, else N held out from the training rows (a seeded random slice; rgen: the "
+                           "first N rows of the stream). 0: no validation, best/ = the final model")
+    max_seq_len: int = _f(0, "token limit per example; longer ones are truncated and counted "
+                          "(0: 1024 for rgen, whose replies are long, 512 for q2a/q2ra)")
+    epochs: float = _f(2.0, "passes over the training examples; the lr schedule spans them "
+                       "(fractions allowed; 1-2 suit a full fine-tune, the pipeline uses 1 for rgen)")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: after --epochs). The lr schedule still "
+                        "spans --epochs, so a run stopped here (which also evaluates there) and resumed "
+                        "trains exactly as one uninterrupted run")
+    batch_size: int = _f(8, "examples per micro-batch (per forward/backward pass)")
+    grad_accum: int = _f(4, "micro-batches per optimizer step; with the default batch size 8 x 4 = 32 examples per step")
+    lr: float = _f(1e-5, "peak learning rate (1e-5..2e-5 suits a full fine-tune of a 1B model)")
+    min_lr_ratio: float = _f(0.1, "the cosine decay ends at lr * this")
+    warmup_ratio: float = _f(0.03, "linear warm-up over this fraction of the optimizer steps")
+    weight_decay: float = _f(0.01, "AdamW weight decay, on weight matrices only (never on norms)")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
+    dtype: str = _f("bf16", "bf16: autocast matmuls with fp32 master weights and AdamW state; fp32: all fp32",
+                    choices=("bf16", "fp32"))
+    grad_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass: "
+                                  "less memory, about a third more compute")
+    length_chunk: int = _f(64, "length grouping: each epoch's shuffled examples are sorted by length within "
+                           "chunks of this many micro-batches, so little compute goes to padding (1: off)")
+    eval_every: int = _f(100, "validation loss every N optimizer steps (and at the end)")
+    save_every: int = _f(200, "write OUT/last every N optimizer steps (and at the end, and on Ctrl-C)")
+    resume: bool = _f(False, "continue the run in --out from OUT/last exactly where it stopped")
+    seed: int = _f(0, "seed of the batch order, the held-out slice and the torch/python RNGs")
+    device: str = _f("", "cuda, cuda:N or cpu (default: cuda when available)")
+    skip_bad: bool = _f(False, "skip (and count) bad data rows instead of stopping at the first one")
+
+    def __post_init__(self):
+        for f in fields(self):
+            if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(f.metadata['choices'])}")
+        self.max_seq_len = self.max_seq_len or DEFAULT_MAX_SEQ_LEN[self.task]
+
+
+DEFAULT_MAX_SEQ_LEN = {"rgen": 1024, "q2a": 512, "q2ra": 512}
+# Fields that may change on --resume: they do not change the training trajectory.
+RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "device"}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """argparse flags generated from TrainConfig: one source of truth for names, defaults and help."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in fields(TrainConfig):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=help)
+        elif f.default is MISSING:
+            parser.add_argument(flag, required=True, choices=f.metadata.get("choices"), help=help)
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default,
+                                choices=f.metadata.get("choices"), help=f"{help} (default: {f.default!r})")
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def log(msg: str):
+    tqdm.write(f"train: {msg}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- data
+
+class Example(NamedTuple):
+    ids: torch.Tensor        # (T,) int32 token ids of the whole conversation
+    is_target: torch.Tensor  # (T,) bool: the assistant's reply tokens and its end-of-turn token
+
+
+class Batch(NamedTuple):
+    input_ids: torch.Tensor  # (B, T) right-padded
+    loss_pos: torch.Tensor   # (N,) flat index b * T + t of each position whose next token is a target
+    targets: torch.Tensor    # (N,) that next token
+    n_tokens: int            # real (non-padding) tokens, for the speed readout
+
+    def to(self, device):
+        return self._replace(**{k: getattr(self, k).to(device, non_blocking=True)
+                                for k in ("input_ids", "loss_pos", "targets")})
+
+
+def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], dict]:
+    """Training and validation examples of the task, tokenized; plus counts of what was cut or skipped."""
+    if cfg.task == "rgen":
+        # Streamed: 350k rows (3 GB) never sit in memory as text. The first val_examples rows are held out.
+        limit = cfg.max_examples + cfg.val_examples if cfg.max_examples else None
+        rows = data.iter_reasoning_gen(cfg.data, max_examples=limit, skip_bad=cfg.skip_bad)
+        examples, truncated = encode(cfg, tokenizer, rows, "rgen")
+        train_set, val_set, skipped = examples[cfg.val_examples:], examples[:cfg.val_examples], rows.skipped
+    else:
+        if cfg.task == "q2ra" and Path(cfg.data).is_file():
+            train_rows = data.read_augmented(cfg.data, skip_bad=cfg.skip_bad)  # the reasoning comes from stage 2
+        else:
+            train_rows = data.read_emotion(cfg.data, "train", skip_bad=cfg.skip_bad)
+        skipped, val_rows = train_rows.skipped, None
+        if cfg.val_examples and not Path(cfg.data).is_file():  # a single file is one split only
+            try:
+                val_rows = data.read_emotion(cfg.data, "validation", skip_bad=cfg.skip_bad)
+                skipped += val_rows.skipped
+                val_rows = val_rows[:cfg.val_examples]
+            except FileNotFoundError:
+                pass
+        if val_rows is None:  # no validation split: hold out a seeded random slice of the training rows
+            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            held_out = set(order[:cfg.val_examples])
+            val_rows = [row for i, row in enumerate(train_rows) if i in held_out]
+            train_rows = [row for i, row in enumerate(train_rows) if i not in held_out]
+        if cfg.max_examples:
+            train_rows = train_rows[:cfg.max_examples]
+        (train_set, n_train_cut), (val_set, n_val_cut) = (encode(cfg, tokenizer, train_rows, "training"),
+                                                          encode(cfg, tokenizer, val_rows, "validation"))
+        truncated = n_train_cut + n_val_cut
+    if skipped:
+        log(f"--skip-bad: {skipped} bad rows were skipped (the warnings above name them)")
+    return train_set, val_set, {"truncated_examples": truncated, "skipped_bad_rows": skipped}
+
+
+def encode(cfg: TrainConfig, tokenizer, rows, name: str) -> tuple[list[Example], int]:
+    """Token ids and target masks; returns them with the number of examples cut at max_seq_len."""
+    examples, truncated, empty = [], 0, 0
+    for row in tqdm(rows, desc=f"tokenize {name}", unit="row", leave=False):
+        ex = data.encode_example(tokenizer, data.example_messages(cfg.task, row), cfg.max_seq_len)
+        truncated += ex["truncated"]
+        if not any(ex["target_mask"]):  # the cut left no reply token: nothing to learn from
+            empty += 1
+            continue
+        examples.append(Example(torch.tensor(ex["input_ids"], dtype=torch.int32),
+                                torch.tensor(ex["target_mask"], dtype=torch.bool)))
+    if truncated:
+        log(f"{truncated} of {len(examples) + empty} {name} examples were longer than --max-seq-len "
+            f"{cfg.max_seq_len} and were cut" + (f"; {empty} kept no reply token and were dropped" if empty else ""))
+    return examples, truncated
+
+
+def batch_order(lengths: list[int], batch_size: int, chunk: int, seed: int, epoch: int) -> list[list[int]]:
+    """Micro-batches (lists of example indices) of one epoch, the same for the same seed and epoch.
+
+    Shuffle, sort by length within chunks of `chunk` micro-batches (so a batch's rows have
+    similar lengths and padding is small), then shuffle the batches (so lengths do not
+    trend within a chunk)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    batches, span = [], chunk * batch_size
+    for start in range(0, len(perm), span):
+        part = sorted(perm[start:start + span], key=lambda i: lengths[i])
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def optimizer_steps(cfg: TrainConfig, lengths: list[int], epoch: int) -> list[list[list[int]]]:
+    """The epoch's batch order, grouped into optimizer steps of grad_accum micro-batches (the last may have fewer)."""
+    batches = batch_order(lengths, cfg.batch_size, cfg.length_chunk, cfg.seed, epoch)
+    return [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right-pad a micro-batch and list the positions that carry a loss."""
+    T = max(len(ex.ids) for ex in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    is_target = torch.zeros((len(examples), T), dtype=torch.bool)
+    for b, ex in enumerate(examples):
+        ids[b, :len(ex.ids)] = ex.ids
+        is_target[b, :len(ex.ids)] = ex.is_target
+    # Position t predicts token t + 1: it carries a loss when token t + 1 is a target.
+    rows, cols = is_target[:, 1:].nonzero(as_tuple=True)                # (N,), (N,)
+    return Batch(ids, rows * T + cols, ids[rows, cols + 1], sum(len(ex.ids) for ex in examples))
+
+
+# ----------------------------------------------------------------------------- loss
+
+def loss_sum(model: Llama, batch: Batch, bf16: bool) -> torch.Tensor:
+    """Summed cross-entropy (fp32) of the target tokens of one micro-batch.
+
+    Right padding only trails real tokens, so plain causal attention (attention_mask=None,
+    the fast path) is exact for every real token. Only the positions with a loss go through
+    the output head: with a 128k vocabulary, the full (B, T, vocab) logits would dominate memory."""
+    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        h = model.hidden_states(batch.input_ids)                            # (B, T, d)
+        h = h.flatten(0, 1).index_select(0, batch.loss_pos)                 # (N, d)
+        logits = model.lm_head(h)                                           # (N, vocab)
+    return F.cross_entropy(logits.float(), batch.targets, reduction="sum")
+
+
+def count_targets(micro_batches: list[Batch]) -> int:
+    """Target tokens of one optimizer step; every micro-batch's summed loss is divided by it.
+    (Averaging each micro-batch's mean instead would overweight short examples.)"""
+    return sum(len(b.targets) for b in micro_batches)
+
+
+def forward_backward(model: Llama, micro_batches: list[Batch], bf16: bool) -> float:
+    """Accumulate the gradient of one optimizer step: the same as one forward/backward of the
+    concatenated batch. Returns the step's loss per target token."""
+    n_targets = count_targets(micro_batches)  # counted before the passes, so each can backward at once
+    total = 0.0
+    for batch in micro_batches:
+        loss = loss_sum(model, batch, bf16)
+        (loss / n_targets).backward()
+        total += loss.detach()
+    return float(total) / n_targets
+
+
+@torch.no_grad()
+def validation_loss(model: Llama, batches: list[Batch], bf16: bool) -> float:
+    """Loss per target token over the whole validation set."""
+    model.eval()
+    total = sum(float(loss_sum(model, b, bf16)) for b in batches)
+    model.train()
+    return total / count_targets(batches)
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+def build_optimizer(model: Llama, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on the matrices (embeddings, projections) only: decaying norm gains
+    towards 0 would shrink activations, which is not the regularisation we want."""
+    params = [p for p in model.parameters() if p.requires_grad]   # a tied matrix appears once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up to lr, then cosine decay
+    to lr * min_lr_ratio at the last step."""
+    warmup = round(cfg.warmup_ratio * total_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - 1 - warmup)           # 0 -> 1
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + (cfg.lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- checkpoints and files
+
+def write_atomic(path: Path, write):
+    """write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj):
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def save_last(out: Path, model: Llama, optimizer, progress: dict, tokenizer_dir: Path):
+    """OUT/last = the model (Hugging Face layout) + train_state.pt (optimizer, step, data position,
+    RNG, best validation loss). Both are written into a staging folder that then replaces OUT/last
+    in one rename, so a crash mid-save leaves the previous OUT/last whole and consistent."""
+    staging = out / ".last.staging"
+    model.save_pretrained(staging, tokenizer_dir=tokenizer_dir)
+    torch.save({**progress, "optimizer": optimizer.state_dict(), "rng": rng_state()}, staging / "train_state.pt")
+    replace_dir(staging, out / "last")
+
+
+def load_train_state(out: Path, device) -> dict:
+    return torch.load(out / "last" / "train_state.pt", map_location=device,
+                      weights_only=True)  # tensors and plain containers only: no code runs on load
+
+
+def check_resumable(cfg: TrainConfig, out: Path):
+    """There is a run to resume, and the resumed run trains the same way as the one it continues."""
+    if not (out / "last" / "train_state.pt").is_file():
+        raise FileNotFoundError(f"{out / 'last' / 'train_state.pt'}: no saved run to --resume")
+    saved = json.loads((out / "train_config.json").read_text())["config"]
+    for name, value in asdict(cfg).items():
+        if name not in RESUMABLE_CHANGES and saved.get(name) != value:
+            raise ValueError(f"{out / 'train_config.json'}: the run was started with {name}={saved.get(name)!r}, "
+                             f"cannot --resume it with {name}={value!r}")
+
+
+def truncate_metrics(path: Path, step: int):
+    """Drop the metrics of steps after `step`: a crash may have logged steps that were never saved."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
+
+
+def plot_losses(out: Path):
+    """OUT/loss.png: training and validation loss per step (matplotlib is optional)."""
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
+    except ImportError:
+        log("matplotlib is not installed: no loss.png (pip install matplotlib)")
+        return
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    fig = Figure(figsize=(7, 4), layout="tight")
+    ax = fig.subplots()
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train")
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set(xlabel="optimizer step", ylabel="loss per target token", title=out.name)
+    ax.legend()
+    write_atomic(out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+@contextmanager
+def stop_requests():
+    """Ctrl-C (or SIGTERM) sets a flag: the loop finishes its optimizer step, saves OUT/last and
+    stops, so no half-applied update is ever saved. A second Ctrl-C stops at once."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield stop
+        return
+
+    def request(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log("stopping after this step to save OUT/last (Ctrl-C again to quit without saving)")
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(cfg: TrainConfig) -> Path:
+    """Fine-tune cfg.model on cfg.task; returns the folder of the best checkpoint (OUT/best)."""
+    out = Path(cfg.out)
+    if cfg.resume:
+        check_resumable(cfg, out)
+    elif (out / "last" / "train_state.pt").exists():
+        raise FileExistsError(f"{out / 'last'}: a run is already there; pass --resume or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+    # seed and device
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = cfg.dtype == "bf16"
+
+    # data
+    tokenizer_dir = resolve_checkpoint(cfg.model)
+    tokenizer = data.Tokenizer.from_dir(tokenizer_dir)
+    train_set, val_set, data_counts = load_examples(cfg, tokenizer)
+    if not train_set:
+        raise ValueError(f"{cfg.data}: no training examples for task {cfg.task}")
+    lengths = [len(ex.ids) for ex in train_set]
+    steps_per_epoch = len(optimizer_steps(cfg, lengths, epoch=0))
+    total_steps = math.ceil(cfg.epochs * steps_per_epoch)       # what the lr schedule spans
+    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    val_order = sorted(range(len(val_set)), key=lambda i: len(val_set[i].ids))  # sorted: least padding
+    val_batches = [collate([val_set[i] for i in val_order[s:s + cfg.batch_size]], tokenizer.pad_id).to(device)
+                   for s in range(0, len(val_order), cfg.batch_size)]
+    write_json(out / "train_config.json", {
+        "config": asdict(cfg), "prompt_version": data.PROMPT_VERSION, "train_examples": len(train_set),
+        "val_examples": len(val_set), **data_counts, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+        "examples_per_step": cfg.batch_size * cfg.grad_accum, "device": str(device), "torch": torch.__version__})
+    log(f"{cfg.task}: {len(train_set)} training / {len(val_set)} validation examples, "
+        f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in the schedule, stopping at {stop_step}")
+
+    # model
+    model = Llama.from_pretrained(out / "last" if cfg.resume else tokenizer_dir, dtype=torch.float32, device=device)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    model.train()
+    log(f"{model.num_params() / 1e6:.1f}M parameters in fp32"
+        + (" (bf16 autocast for the matmuls)" if bf16 else ""))
+
+    # optimizer, and where the run stands
+    optimizer = build_optimizer(model, cfg, device)
+    progress = {"step": 0, "epoch": 0, "index": 0, "best_val_loss": math.inf, "elapsed_s": 0.0}
+    if cfg.resume:
+        state = load_train_state(out, device)
+        optimizer.load_state_dict(state.pop("optimizer"))
+        set_rng_state(state.pop("rng"))
+        progress = state
+        truncate_metrics(out / "metrics.jsonl", progress["step"])
+        log(f"resumed at step {progress['step']} (epoch {progress['epoch']}, step {progress['index']} of it)")
+
+    def evaluate_and_keep_best() -> dict:
+        if not val_batches:
+            return {}
+        val_loss = validation_loss(model, val_batches, bf16)
+        if val_loss < progress["best_val_loss"]:
+            progress["best_val_loss"] = val_loss
+            model.save_pretrained(out / "best", tokenizer_dir=tokenizer_dir)
+        return {"val_loss": val_loss}
+
+    # the loop: one optimizer step per iteration, from wherever the run stands to stop_step
+    bar = tqdm(total=stop_step, initial=progress["step"], desc=f"train {cfg.task}", unit="step")
+    start_time = time.perf_counter() - progress["elapsed_s"]
+    epoch, index = progress["epoch"], progress["index"]
+    steps = optimizer_steps(cfg, lengths, epoch)
+    with stop_requests() as stop, open(out / "metrics.jsonl", "a") as metrics:
+        while progress["step"] < stop_step:
+            if index == len(steps):  # the epoch is done: the next one has its own batch order
+                epoch, index = epoch + 1, 0
+                steps = optimizer_steps(cfg, lengths, epoch)
+            t0 = time.perf_counter()
+            lr = lr_at(progress["step"], cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = [collate([train_set[i] for i in ids], tokenizer.pad_id).to(device)
+                             for ids in steps[index]]
+            loss = forward_backward(model, micro_batches, bf16)  # a float: waits for the GPU
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+
+            index += 1
+            progress.update(step=progress["step"] + 1, epoch=epoch, index=index,
+                            elapsed_s=time.perf_counter() - start_time)
+            step = progress["step"]
+            tokens, targets = sum(b.n_tokens for b in micro_batches), count_targets(micro_batches)
+            row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_s": tokens / dt, "target_tokens_per_s": targets / dt}
+            if step % cfg.eval_every == 0 or step == stop_step:
+                row.update(evaluate_and_keep_best())
+            metrics.write(json.dumps({**row, "elapsed_s": progress["elapsed_s"]}) + "\n")
+            metrics.flush()
+            bar.update()
+            # tok/s counts every real (non-padding) token; tgt/s only the reply tokens that carry the loss
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
+                            tgt_s=f"{targets / dt:.0f}", refresh=False)
+            if step % cfg.save_every == 0 or step == stop_step or stop.is_set():
+                save_last(out, model, optimizer, progress, tokenizer_dir)
+            if stop.is_set():
+                bar.close()
+                log(f"stopped at step {step}; {out / 'last'} is saved: continue with --resume")
+                raise KeyboardInterrupt
+    bar.close()
+    if not val_batches:  # nothing to select on: the final model is the best we know
+        model.save_pretrained(out / "best", tokenizer_dir=tokenizer_dir)
+    log(f"done at step {progress['step']}: best validation loss {progress['best_val_loss']:.4f}, "
+        f"{progress['elapsed_s'] / 60:.1f} min in all; best checkpoint: {out / 'best'}")
+    plot_losses(out)
+    return out / "best"
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
