@@ -379,18 +379,22 @@ class _BadRow(Exception):
 _SKIPPED = object()  # what a skipped bad row becomes on its way to RowStream
 
 
-def _pyarrow_parquet(path):
+def _parquet_file(path: Path):
     try:
+        import pyarrow
         import pyarrow.parquet as pq  # optional: only parquet files need it
     except ImportError:
         raise ModuleNotFoundError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
-    return pq
+    try:
+        return pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
 
 
 def _columns(path: Path) -> list[str] | None:
     """The column names of a parquet or csv file; None for jsonl, whose rows each carry their own."""
     if path.name.endswith(".parquet"):
-        return _pyarrow_parquet(path).read_schema(path).names
+        return _parquet_file(path).schema_arrow.names
     if path.name.endswith(".csv"):
         with open(path, newline="", encoding="utf-8") as f:
             return next(csv.reader(f), [])
@@ -403,7 +407,7 @@ def _records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[str
     name = path.name
     if name.endswith(".parquet"):  # batch by batch: a 215 MB shard is never in memory whole
         n = 0
-        for batch in _pyarrow_parquet(path).ParquetFile(path).iter_batches(batch_size=1024, columns=columns):
+        for batch in _parquet_file(path).iter_batches(batch_size=1024, columns=columns):
             for record in batch.to_pylist():
                 n += 1
                 yield f"row {n}", record

@@ -10,9 +10,6 @@ import pytest
 import data
 from data import LABELS, Tokenizer, build_tokenizer
 
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
-
 CORPUS = [
     "i feel so alone since she left", "what a wonderful day at the beach", "i adore my little brother",
     "they lied to me again and i am furious", "i am scared of the dark hallway", "i did not expect that",
@@ -216,6 +213,12 @@ def test_from_dir_errors(tmp_path, tok_dirs):
         Tokenizer.from_dir(tmp_path / "plain")
 
 
+def test_from_dir_resolves_hub_ids_through_model(monkeypatch, tok_dirs):
+    model = pytest.importorskip("model")
+    monkeypatch.setattr(model, "resolve_checkpoint", lambda path: tok_dirs["chatml"] if path == "org/chat" else None)
+    assert Tokenizer.from_dir("org/chat").chat_format == "chatml"
+
+
 def test_save_copies_the_files(tmp_path, tok_dirs, toks):
     out = toks["llama3"].save(tmp_path / "copy")
     for name in data.TOKENIZER_FILES:
@@ -295,6 +298,7 @@ EMOTION = [("i feel so alone", 0), ("what a wonderful day", 1), ("i adore you", 
 
 
 def write_parquet(path, columns: dict):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")  # optional at run time
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns), path)
     return path
@@ -314,50 +318,46 @@ def test_read_emotion_parquet_layouts(tmp_path, layout):
     for split in data.EMOTION_SPLITS:
         write_parquet(tmp_path / sub / f"{split}-00000-of-00001.parquet", emotion_columns(EMOTION[:3] if split == "test" else EMOTION))
     source = tmp_path / "unsplit" if layout == "config_folder" else tmp_path
-    assert read_emotion_list(source, "train") == expected()
-    assert read_emotion_list(source, "test") == expected(EMOTION[:3])
-
-
-def read_emotion_list(source, split, **kw):
-    return list(data.read_emotion(source, split, **kw))
+    assert data.read_emotion(source, "train") == expected()
+    assert data.read_emotion(source, "test") == expected(EMOTION[:3])
 
 
 def test_read_emotion_prefers_the_split_config(tmp_path):
     write_parquet(tmp_path / "split" / "train-00000-of-00001.parquet", emotion_columns(EMOTION[:2]))
     write_parquet(tmp_path / "unsplit" / "train-00000-of-00001.parquet", emotion_columns())
-    assert read_emotion_list(tmp_path, "train") == expected(EMOTION[:2])
+    assert data.read_emotion(tmp_path, "train") == expected(EMOTION[:2])
 
 
 def test_read_emotion_shards_continue_ids(tmp_path):
     write_parquet(tmp_path / "data" / "train-00000-of-00002.parquet", emotion_columns(EMOTION[:2]))
     write_parquet(tmp_path / "data" / "train-00001-of-00002.parquet", emotion_columns(EMOTION[2:]))
-    assert read_emotion_list(tmp_path, "train") == expected()
+    assert data.read_emotion(tmp_path, "train") == expected()
 
 
 def test_read_emotion_jsonl_gz_layout(tmp_path):
     (tmp_path / "data").mkdir()
     with gzip.open(tmp_path / "data" / "validation.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in EMOTION)
-    assert read_emotion_list(tmp_path, "validation") == expected()
+    assert data.read_emotion(tmp_path, "validation") == expected()
 
 
 def test_read_emotion_plain_files(tmp_path):
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": t, "label": LABELS[lab].upper()}) + "\n\n"
                                                  for t, lab in EMOTION))
-    assert read_emotion_list(tmp_path / "test.jsonl", "test") == expected()   # a file is the split
-    assert read_emotion_list(tmp_path, "test") == expected()                  # found as {split}.jsonl
+    assert data.read_emotion(tmp_path / "test.jsonl", "test") == expected()   # a file is the split
+    assert data.read_emotion(tmp_path, "test") == expected()                  # found as {split}.jsonl
     (tmp_path / "train.csv").write_text("id,text,label\n" + "".join(f"x{i},\"{t}, really\",{lab}\n"
                                                                     for i, (t, lab) in enumerate(EMOTION)))
-    rows = read_emotion_list(tmp_path, "train")
+    rows = data.read_emotion(tmp_path, "train")
     assert [r["id"] for r in rows] == ["x0", "x1", "x2", "x3"]
     assert rows[0]["text"] == "i feel so alone, really" and [r["label"] for r in rows] == LABELS[:4]
     (tmp_path / "names.csv").write_text("text,label\n" + "".join(f"{t},{LABELS[lab]}\n" for t, lab in EMOTION))
-    assert read_emotion_list(tmp_path / "names.csv", "train") == expected()
+    assert data.read_emotion(tmp_path / "names.csv", "train") == expected()
 
 
 def test_read_emotion_id_column_in_parquet(tmp_path):
     path = write_parquet(tmp_path / "train.parquet", {**emotion_columns(), "id": ["a", "b", "c", "d"]})
-    assert read_emotion_list(path, "train") == expected(ids=["a", "b", "c", "d"])
+    assert data.read_emotion(path, "train") == expected(ids=["a", "b", "c", "d"])
 
 
 def test_read_emotion_missing_split_and_source(tmp_path):
@@ -442,7 +442,7 @@ def test_hub_ids_are_downloaded(tmp_path, monkeypatch):
         calls.append((repo_id, repo_type))
         return str(tmp_path)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    assert read_emotion_list("dair-ai/emotion", "test") == expected()
+    assert data.read_emotion("dair-ai/emotion", "test") == expected()
     assert calls == [("dair-ai/emotion", "dataset")]
 
     def offline(*args, **kw):
@@ -476,7 +476,7 @@ def test_iter_reasoning_gen_stops_before_later_shards(tmp_path):
     write_parquet(tmp_path / "data" / "train-00000-of-00002.parquet", rgen_columns(0, 5))
     (tmp_path / "data" / "train-00001-of-00002.parquet").write_bytes(b"not parquet")  # never opened
     assert len(list(data.iter_reasoning_gen(tmp_path, max_examples=5))) == 5
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="train-00001-of-00002.parquet: not a readable parquet file"):
         list(data.iter_reasoning_gen(tmp_path, max_examples=6))
 
 
@@ -507,6 +507,7 @@ def test_iter_reasoning_gen_wrong_columns_and_bad_rows(tmp_path, capsys):
 
 
 def test_write_reasoning_gen_demo_round_trip(tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow")
     rows = [{"question": f"q{i}", "answer": f"a{i}", "reasoning": f"r{i}"} for i in range(5)]
     folder = data.write_reasoning_gen_demo(tmp_path / "pq", rows, shards=2)
     assert sorted(p.name for p in (folder / "data").iterdir()) == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
