@@ -102,12 +102,15 @@ def decode_one_token(model: Llama, tokens, cache) -> torch.Tensor:
     return model(tokens[:, None], cache=cache)[:, -1]
 
 
+eager_decode_one_token = decode_one_token  # compile_decode always wraps this one, even when called twice
+
+
 def compile_decode(backend="inductor"):
     """Swap in a torch.compile'd decode step (worth it on GPU, where one token is many small
     kernels). dynamic=True: the batch shrinks as rows finish and the cache grows every step,
     and neither should recompile. backend="aot_eager" traces without generating code (tests)."""
     global decode_one_token
-    decode_one_token = torch.compile(decode_one_token, dynamic=True, backend=backend)
+    decode_one_token = torch.compile(eager_decode_one_token, dynamic=True, backend=backend)
 
 
 @torch.inference_mode()

@@ -208,3 +208,95 @@ def test_sidecar_refuses_other_settings_unless_forced(tmp_path):
     meta_path.unlink()
     with pytest.raises(ValueError, match="settings are unknown"):
         check_meta(out, meta, force=False)
+
+
+# ----------------------------------------------------------------------------- command line (real subprocesses)
+
+WORDS = ["happy", "sad", "angry", "afraid", "surprised", "loved", "today", "because", "my", "friend",
+         "the", "rain", "work", "music", "house", "again", "really", "so", "very", "little"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random model folder with a byte-level BPE tokenizer in the llama3 chat format,
+    wide enough that a decode step takes a few ms (the kill below must land mid-run)."""
+    import data
+    root = tmp_path_factory.mktemp("cli")
+    texts = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) for i in range(200)]
+    tokenizer = data.Tokenizer.from_dir(data.build_tokenizer(texts, root / "tok", chat_format="llama3",
+                                                             vocab_size=300))
+    model = tiny_model(vocab=tokenizer.vocab_size, std=0.1, hidden_size=384, intermediate_size=1024,
+                       num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, head_dim=64,
+                       bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
+    model.save_pretrained(root / "model", tokenizer_dir=root / "tok")
+    return root / "model"
+
+
+def run_cli(*args, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"generate.py {' '.join(map(str, args))} failed:\n{proc.stderr}")
+    return proc
+
+
+def test_cli_prompt_streams_the_reply_and_help_runs(model_dir):
+    import data
+    from generate import generate
+    proc = run_cli("--model", model_dir, "--prompt", "my friend is happy", "--system", "be brief",
+                   "--max-new-tokens", 12)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "my friend is happy"}]
+    expected = generate(Llama.from_pretrained(model_dir).eval(), data.Tokenizer.from_dir(model_dir), [messages],
+                        SamplingConfig(max_new_tokens=12), progress=False)[0]
+    assert expected["n_tokens"] > 0 and proc.stdout == expected["text"] + "\n"
+    help_text = run_cli("--help").stdout
+    assert "--task" in help_text and "greedy" in help_text
+
+
+def emotion_file(folder, n):
+    rows = [{"text": " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(3 + i % 7)),
+             "label": i % 6} for i in range(n)]
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_rows(path) -> dict:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return {r["id"]: r for r in rows}, len(rows)
+
+
+def test_stage2_survives_sigkill_and_a_torn_line(model_dir, tmp_path):
+    n = 16
+    src = emotion_file(tmp_path, n)
+    common = ["--model", model_dir, "--task", "rgen", "--data", src, "--split", "train",
+              "--batch-size", 2, "--max-new-tokens", 32]
+    run_cli(*common, "--out", tmp_path / "whole.jsonl")
+    whole, count = read_rows(tmp_path / "whole.jsonl")
+    assert count == n and sorted(whole) == list(range(n))
+    assert set(whole[0]) == {"id", "text", "label", "reasoning", "n_tokens", "hit_limit"}
+    assert whole[0]["label"] == "sadness" and whole[0]["n_tokens"] > 0
+    assert len({r["reasoning"] for r in whole.values()}) > n // 2  # rows differ: the comparison below means something
+
+    out = tmp_path / "resumed.jsonl"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), *map(str, common), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out.exists() and out.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    partial, count = read_rows(out)
+    assert 2 <= count < n                              # killed part-way
+    with open(out, "a") as f:                          # and a crash in the middle of a write
+        f.write(json.dumps(whole[next(i for i in range(n) if i not in partial)])[:25])
+    run_cli(*common, "--out", out)
+    resumed, count = read_rows(out)
+    assert count == n and resumed == whole             # no duplicates, none lost, same replies
+
+    refused = run_cli(*common[:-1], 16, "--out", out, check=False)
+    assert refused.returncode == 1
+    assert "max_new_tokens=32 (now 16)" in refused.stderr and "--force" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    forced = run_cli(*common[:-1], 16, "--out", out, "--force", "--limit", n + 2)
+    assert "wrote 0 rows" in forced.stdout and read_rows(out)[1] == n
