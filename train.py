@@ -8,7 +8,9 @@ and target masks -> length-grouped batches), model, optimizer, schedule, and the
 validation and checkpoints. A run writes to --out:
 
     train_config.json   the full config (and what the data turned out to be)
-    metrics.jsonl       one line per optimizer step: loss, lr, grad norm, speed (+ val_loss)
+    metrics.jsonl       one line per optimizer step: loss, lr, grad norm, val_loss when evaluated,
+                        elapsed time, and speed: tokens_per_s (all real tokens, padding excluded)
+                        and target_tokens_per_s (the reply tokens that carry the loss)
     loss.png            the loss curves, when matplotlib is installed
     best/               the checkpoint with the lowest validation loss (Hugging Face layout)
     last/               the latest checkpoint, plus train_state.pt for --resume
@@ -263,6 +265,18 @@ def forward_backward(model: Llama, micro_batches: list[Batch], bf16: bool) -> fl
     return float(total) / n_targets
 
 
+def train_step(model: Llama, optimizer, micro_batches: list[Batch], lr: float, cfg: TrainConfig) -> tuple[float, float]:
+    """One optimizer step at learning rate lr; returns the loss per target token and the
+    gradient norm before clipping (both floats: this waits for the GPU, once per step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = forward_backward(model, micro_batches, cfg.dtype == "bf16")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, float(grad_norm)
+
+
 @torch.no_grad()
 def validation_loss(model: Llama, batches: list[Batch], bf16: bool) -> float:
     """Loss per target token over the whole validation set."""
@@ -351,10 +365,16 @@ def check_resumable(cfg: TrainConfig, out: Path):
 
 
 def truncate_metrics(path: Path, step: int):
-    """Drop the metrics of steps after `step`: a crash may have logged steps that were never saved."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
+    """Keep only the metrics of steps up to `step`, where the run restarts: a crash may have
+    logged steps after its last save, or torn the last line; a fresh run starts an empty file."""
+    kept = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:  # the line a kill cut short
+            pass
+    write_atomic(path, lambda tmp: tmp.write_text("".join(kept)))
 
 
 def plot_losses(out: Path):
@@ -450,8 +470,8 @@ def train(cfg: TrainConfig) -> Path:
         optimizer.load_state_dict(state.pop("optimizer"))
         set_rng_state(state.pop("rng"))
         progress = state
-        truncate_metrics(out / "metrics.jsonl", progress["step"])
         log(f"resumed at step {progress['step']} (epoch {progress['epoch']}, step {progress['index']} of it)")
+    truncate_metrics(out / "metrics.jsonl", progress["step"])
 
     def evaluate_and_keep_best() -> dict:
         if not val_batches:
@@ -474,14 +494,9 @@ def train(cfg: TrainConfig) -> Path:
                 steps = optimizer_steps(cfg, lengths, epoch)
             t0 = time.perf_counter()
             lr = lr_at(progress["step"], cfg, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             micro_batches = [collate([train_set[i] for i in ids], tokenizer.pad_id).to(device)
                              for ids in steps[index]]
-            loss = forward_backward(model, micro_batches, bf16)  # a float: waits for the GPU
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm = train_step(model, optimizer, micro_batches, lr, cfg)
             dt = time.perf_counter() - t0
 
             index += 1
@@ -489,7 +504,7 @@ def train(cfg: TrainConfig) -> Path:
                             elapsed_s=time.perf_counter() - start_time)
             step = progress["step"]
             tokens, targets = sum(b.n_tokens for b in micro_batches), count_targets(micro_batches)
-            row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+            row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tokens / dt, "target_tokens_per_s": targets / dt}
             if step % cfg.eval_every == 0 or step == stop_step:
                 row.update(evaluate_and_keep_best())

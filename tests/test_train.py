@@ -337,6 +337,15 @@ def test_resume_refuses_a_different_run(assets, tmp_path, uninterrupted):
         train.train(replace(cfg, out=str(tmp_path / "nothing"), resume=True))
 
 
+def test_metrics_after_the_restart_point_are_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    train.truncate_metrics(path, 3)
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3]
+    train.truncate_metrics(path, 0)  # a fresh run
+    assert path.read_text() == ""
+
+
 def cli_args(cfg: TrainConfig) -> list[str]:
     args = []
     for name, value in vars(cfg).items():
