@@ -163,6 +163,8 @@ def generate_ids(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampling
     """Replies to token-id prompts, in input order: dicts of ids (without the stop id), n_tokens
     (= len(ids)) and hit_limit (max_new_tokens reached without a stop id). Prompts run in
     batches of similar length, so little compute goes to padding. keys: see generate_batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty")
@@ -193,8 +195,10 @@ def generate(model: Llama, tokenizer, conversations: list[list[dict]], cfg: Samp
             for r in results]
 
 
-def stream_reply(model: Llama, tokenizer, messages: list[dict], cfg: SamplingConfig, out=sys.stdout) -> dict:
-    """Generate one reply, writing it to `out` as it is produced; returns generate_batch's dict."""
+def stream_reply(model: Llama, tokenizer, messages: list[dict], cfg: SamplingConfig, out=None) -> dict:
+    """Generate one reply, writing it to `out` (default stdout) as it is produced; returns
+    generate_batch's dict."""
+    out = out or sys.stdout
     prompt = tokenizer.render(messages, add_generation_prompt=True)[0]
     ids, shown = [], ""
 
@@ -224,9 +228,15 @@ def rgen_prompt(tokenizer, row: dict) -> list[int]:
     return tokenizer.render(messages, add_generation_prompt=True)[0]
 
 
-def output_row(row: dict, reasoning: str, result: dict) -> dict:
-    return {"id": row["id"], "text": row["text"], "label": row["label"], "reasoning": reasoning,
-            "n_tokens": result["n_tokens"], "hit_limit": result["hit_limit"]}
+def augment_batch(model: Llama, tokenizer, rows: list[dict], cfg: SamplingConfig) -> list[dict]:
+    """Output rows (id, text, label, reasoning, n_tokens, hit_limit) for one batch of emotion rows."""
+    prompts = [rgen_prompt(tokenizer, row) for row in rows]
+    # Random streams keyed by row id: a resumed or sharded run samples what a whole run would.
+    keys = [zlib.crc32(str(row["id"]).encode()) for row in rows]
+    results = generate_ids(model, prompts, tokenizer.stop_ids, cfg, batch_size=len(rows), keys=keys)
+    return [{"id": row["id"], "text": row["text"], "label": row["label"],
+             "reasoning": tokenizer.decode(r["ids"]).strip(), "n_tokens": r["n_tokens"], "hit_limit": r["hit_limit"]}
+            for row, r in zip(rows, results)]
 
 
 def done_ids(path) -> set:
@@ -276,7 +286,10 @@ def check_meta(out_path, meta: dict, force: bool):
         if not meta_path.is_file():
             raise ValueError(f"{out_path}: exists without {meta_path.name}, so its settings are unknown; "
                              f"use --force to resume it anyway, or another --out")
-        old = json.loads(meta_path.read_text())
+        try:
+            old = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}: not valid JSON ({e}); use --force to rewrite it") from None
         diff = [f"{k}={old.get(k)!r} (now {v!r})" for k, v in meta.items() if old.get(k) != v]
         if diff:
             raise ValueError(f"{out_path}: was generated with {', '.join(diff)}; "
@@ -308,12 +321,15 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
     id is already in out_path are skipped. Returns (and prints) a summary."""
     import data as data_lib
     cfg = cfg or SamplingConfig()
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    source = data if rows is None else "rows"
     rows = data_lib.read_emotion(data, split) if rows is None else rows
     rows = rows[:limit] if limit else rows
     seen = set()
     for row in rows:
         if row["id"] in seen:
-            raise ValueError(f"{data}: id {row['id']!r} appears more than once")
+            raise ValueError(f"{source}: id {row['id']!r} appears more than once")
         seen.add(row["id"])
 
     out_path = Path(out_path)
@@ -323,33 +339,29 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
             "prompt_version": data_lib.PROMPT_VERSION, **asdict(cfg)}
     check_meta(out_path, meta, force)
     done = done_ids(out_path)
-    todo = [row for row in rows if row["id"] not in done]
-
-    device, dtype = resolve_device_dtype(device, dtype)
-    model = Llama.from_pretrained(model_dir, dtype, device).eval()
-    tokenizer = data_lib.Tokenizer.from_dir(model_dir)
-    if compile:
-        compile_decode()
-    prompts = [rgen_prompt(tokenizer, row) for row in todo]
-    order = sorted(range(len(todo)), key=lambda i: len(prompts[i]))    # little padding per batch
+    # Similar lengths share a batch (little padding); the prompt is a fixed template around the
+    # text, so the text's length orders the prompts. A stable sort: a resumed run meets the
+    # remaining rows in the same batches as an uninterrupted one.
+    todo = sorted((row for row in rows if row["id"] not in done), key=lambda row: len(row["text"]))
 
     summary = {"out": str(out_path), "rows": 0, "skipped": len(rows) - len(todo), "tokens": 0,
                "hit_limit": 0, "empty": 0}
     start = time.time()
+    if todo:  # a finished file needs no model
+        device, dtype = resolve_device_dtype(device, dtype)
+        model = Llama.from_pretrained(model_dir, dtype, device).eval()
+        tokenizer = data_lib.Tokenizer.from_dir(model_dir)
+        if compile:
+            compile_decode()
     bar = tqdm(total=len(todo), unit="row", desc="augment")
-    for lo in range(0, len(order), batch_size):
-        batch = order[lo:lo + batch_size]
-        # Random streams keyed by row id: a resumed or sharded run samples what a whole run would.
-        keys = [zlib.crc32(str(todo[i]["id"]).encode()) for i in batch]
-        results = generate_ids(model, [prompts[i] for i in batch], tokenizer.stop_ids, cfg,
-                               batch_size=len(batch), keys=keys)
-        written = [output_row(todo[i], tokenizer.decode(r["ids"]).strip(), r) for i, r in zip(batch, results)]
+    for lo in range(0, len(todo), batch_size):
+        written = augment_batch(model, tokenizer, todo[lo:lo + batch_size], cfg)
         append_rows(out_path, written)
         summary["rows"] += len(written)
         summary["tokens"] += sum(r["n_tokens"] for r in written)
         summary["hit_limit"] += sum(r["hit_limit"] for r in written)
         summary["empty"] += sum(not r["reasoning"] for r in written)
-        bar.update(len(batch))
+        bar.update(len(written))
         bar.set_postfix_str(f"{summary['tokens'] / (time.time() - start):.0f} tok/s")
     bar.close()
     summary["seconds"] = round(time.time() - start, 2)
@@ -407,7 +419,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"generate.py: {e}")
     except KeyboardInterrupt:
-        sys.exit("generate.py: interrupted; rerun the same command to resume")
+        sys.exit("generate.py: interrupted" + ("; rerun the same command to resume" if args.task else ""))
 
 
 if __name__ == "__main__":

@@ -300,3 +300,19 @@ def test_stage2_survives_sigkill_and_a_torn_line(model_dir, tmp_path):
     assert len(refused.stderr.strip().splitlines()) == 1
     forced = run_cli(*common[:-1], 16, "--out", out, "--force", "--limit", n + 2)
     assert "wrote 0 rows" in forced.stdout and read_rows(out)[1] == n
+
+
+def test_augment_shards_sample_what_a_whole_run_samples(model_dir, tmp_path):
+    """Random streams are keyed by row id: shards, other batch sizes and resumes all agree."""
+    import data
+    from generate import augment
+    rows = data.read_emotion(emotion_file(tmp_path, 10), "train")
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)
+    summary = augment(model_dir, None, "train", tmp_path / "whole.jsonl", cfg, batch_size=4, rows=rows)
+    whole, _ = read_rows(tmp_path / "whole.jsonl")
+    assert summary["rows"] == 10 and summary["tokens"] == sum(r["n_tokens"] for r in whole.values())
+    for shard in (rows[:3], rows[3:]):
+        augment(model_dir, None, "train", tmp_path / "shards.jsonl", cfg, batch_size=3, rows=shard)
+    assert read_rows(tmp_path / "shards.jsonl") == read_rows(tmp_path / "whole.jsonl")
+    augmented = data.read_augmented(tmp_path / "whole.jsonl", skip_bad=True)  # empty replies are bad rows there
+    assert len(augmented) + augmented.skipped == 10 and augmented.skipped == summary["empty"]
