@@ -67,8 +67,9 @@ class TrainConfig:
                     "(its tokenizer is used and copied into every checkpoint)")
     max_examples: int = _f(0, "training examples used (0: all); rgen streams only this many rows")
     val_examples: int = _f(500, "validation examples: the first N of the emotion 'validation' split when it "
-                           "exists, else N held out from the training rows (a seeded random slice; rgen: the "
-                           "first N rows of the stream). 0: no validation, best/ = the final model")
+                           "exists, else N held out from the training rows, at most a tenth of them (a seeded "
+                           "random slice; rgen: the first rows of the stream, read on top of --max-examples). "
+                           "0: no validation, best/ = the final model")
     max_seq_len: int = _f(0, "token limit per example; longer ones are truncated and counted "
                           "(0: 1024 for rgen, whose replies are long, 512 for q2a/q2ra)")
     epochs: float = _f(2.0, "passes over the training examples; the lr schedule spans them "
@@ -152,7 +153,8 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
         limit = cfg.max_examples + cfg.val_examples if cfg.max_examples else None
         rows = data.iter_reasoning_gen(cfg.data, max_examples=limit, skip_bad=cfg.skip_bad)
         examples, truncated = encode(cfg, tokenizer, rows, "rgen")
-        train_set, val_set, skipped = examples[cfg.val_examples:], examples[:cfg.val_examples], rows.skipped
+        n_val = held_out_count(cfg, len(examples))
+        train_set, val_set, skipped = examples[n_val:], examples[:n_val], rows.skipped
     else:
         if cfg.task == "q2ra" and Path(cfg.data).is_file():
             train_rows = data.read_augmented(cfg.data, skip_bad=cfg.skip_bad)  # the reasoning comes from stage 2
@@ -168,7 +170,7 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
                 pass
         if val_rows is None:  # no validation split: hold out a seeded random slice of the training rows
             order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-            held_out = set(order[:cfg.val_examples])
+            held_out = set(order[:held_out_count(cfg, len(train_rows))])
             val_rows = [row for i, row in enumerate(train_rows) if i in held_out]
             train_rows = [row for i, row in enumerate(train_rows) if i not in held_out]
         if cfg.max_examples:
@@ -179,6 +181,11 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
     if skipped:
         log(f"--skip-bad: {skipped} bad rows were skipped (the warnings above name them)")
     return train_set, val_set, {"truncated_examples": truncated, "skipped_bad_rows": skipped}
+
+
+def held_out_count(cfg: TrainConfig, n_rows: int) -> int:
+    """Validation examples taken from the training rows: val_examples, but no more than a tenth (rounded up)."""
+    return min(cfg.val_examples, math.ceil(n_rows / 10))
 
 
 def encode(cfg: TrainConfig, tokenizer, rows, name: str) -> tuple[list[Example], int]:

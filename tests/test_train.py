@@ -141,7 +141,7 @@ def test_truncation_and_bad_rows_are_counted(assets, tmp_path):
     tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
     lengths = sorted(len(tokenizer.render(data.example_messages("q2ra", r))[0]) for r in assets.rows[:48])
     limit = lengths[24]  # half the examples are longer
-    cfg = TrainConfig(task="q2ra", data=str(assets.augmented), out="", val_examples=8, max_seq_len=limit)
+    cfg = TrainConfig(task="q2ra", data=str(assets.augmented), out="", val_examples=4, max_seq_len=limit)
     train_set, val_set, counts = train.load_examples(cfg, tokenizer)
     assert counts == {"truncated_examples": sum(n > limit for n in lengths), "skipped_bad_rows": 0}
     assert len(train_set) + len(val_set) == 48 and max(len(ex.ids) for ex in train_set + val_set) == limit
@@ -179,10 +179,12 @@ def test_validation_rows(assets):
     assert [ex.ids.tolist() for ex in again] == [ex.ids.tolist() for ex in val_set]
     assert {tuple(ex.ids.tolist()) for ex in other_seed} != held_out
 
-    cfg = replace(cfg, task="rgen", data=str(assets.rgen), max_examples=6, val_examples=3)
+    cfg = replace(cfg, task="rgen", data=str(assets.rgen), max_examples=8, val_examples=1)
     train_set, val_set, _ = train.load_examples(cfg, tokenizer)
     expected = examples_of("rgen", tokenizer, assets.rgen_rows[:9])
-    assert [ex.ids.tolist() for ex in val_set + train_set] == [ex.ids.tolist() for ex in expected]
+    assert len(val_set) == 1 and [ex.ids.tolist() for ex in val_set + train_set] == [ex.ids.tolist() for ex in expected]
+    train_set, val_set, _ = train.load_examples(replace(cfg, max_examples=0, val_examples=5), tokenizer)
+    assert (len(val_set), len(train_set)) == (2, 10)  # a short stream: a tenth (rounded up) is held out
 
 
 def test_batch_order_is_seeded_complete_and_length_grouped():
