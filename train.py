@@ -15,6 +15,10 @@ validation and checkpoints. A run writes to --out:
     best/               the checkpoint with the lowest validation loss (Hugging Face layout)
     last/               the latest checkpoint, plus train_state.pt for --resume
 
+Ctrl-C (or SIGTERM) finishes the current optimizer step, saves last/ and exits; a crash loses
+the steps since the last --save-every. --resume continues from last/ exactly where the run
+stopped: on CPU in fp32 its losses equal those of an uninterrupted run bit for bit.
+
 Precision: with --dtype bf16 the weights, gradients and AdamW state stay fp32 (the master
 copy) and only the forward/backward matmuls run in bf16 under autocast. A bf16 weight cannot
 take an update below ~1/256 of its size, so lr 1e-5 steps would mostly round away; fp32
@@ -287,9 +291,10 @@ def train_step(model: Llama, optimizer, micro_batches: list[Batch], lr: float, c
 @torch.no_grad()
 def validation_loss(model: Llama, batches: list[Batch], bf16: bool) -> float:
     """Loss per target token over the whole validation set."""
+    was_training = model.training
     model.eval()
     total = sum(float(loss_sum(model, b, bf16)) for b in batches)
-    model.train()
+    model.train(was_training)
     return total / count_targets(batches)
 
 
