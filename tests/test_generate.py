@@ -17,6 +17,17 @@ from model import Llama, LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = SamplingConfig(max_new_tokens=20)
+# Tiny models gain nothing from threads, and when other processes keep the cores busy, OpenMP
+# threads wait on each other (30x slower here): one thread keeps this file fast on a shared machine.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_model(seed=0, vocab=97, std=0.3, **kw) -> Llama:
@@ -234,7 +245,7 @@ def model_dir(tmp_path_factory):
 
 def run_cli(*args, check=True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD, timeout=120)
     if check and proc.returncode != 0:
         raise AssertionError(f"generate.py {' '.join(map(str, args))} failed:\n{proc.stderr}")
     return proc
@@ -280,7 +291,7 @@ def test_stage2_survives_sigkill_and_a_torn_line(model_dir, tmp_path):
 
     out = tmp_path / "resumed.jsonl"
     proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), *map(str, common), "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out.exists() and out.read_text().count("\n") >= 2) and time.time() < deadline:
         time.sleep(0.005)
