@@ -381,7 +381,7 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
 
     scoring="generate": greedy replies of up to max_new_tokens (default 8 for q2a, 256 for
     q2ra), parsed with parse_label. scoring="logprob" (q2a only): the most likely label reply.
-    device defaults to cuda when available; dtype to bfloat16 on cuda, float32 on cpu.
+    device defaults to cuda when available; dtype (bf16, fp32, fp16 or a torch.dtype) to bf16 on cuda, fp32 on cpu.
     Files already in out_dir (default runs/eval) are replaced.
     """
     if task not in MAX_NEW_TOKENS:
@@ -394,8 +394,8 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
     import data as data_module
     from model import Llama
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(dtype, device)
+    from generate import resolve_device_dtype
+    device, dtype = resolve_device_dtype(device, dtype)
     t0 = time.perf_counter()
     rows = data_module.read_emotion(data, split)[:limit]
     if not rows:
@@ -427,17 +427,6 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
             "prompt_version": getattr(data_module, "PROMPT_VERSION", None), "hit_limit": hit_limit,
             "load_time_s": load_s, "wall_time_s": wall_s}
     return write_report(out_dir, predictions, meta)
-
-
-def resolve_dtype(dtype, device: str):
-    import torch
-    if dtype is None:
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype '{dtype}' is not float32, bfloat16 or float16")
-    return getattr(torch, dtype)
 
 
 def score_labels(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> list[str]:
@@ -510,8 +499,8 @@ def main(argv=None):
     p.add_argument("--scoring", choices=["generate", "logprob"], default="generate",
                    help="generate: parse greedy replies (default); logprob: most likely label reply (q2a only)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="model weights and compute (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"],
+                   help="model weights and compute (default: bf16 on cuda, fp32 on cpu)")
     args = p.parse_args(argv)
 
     try:
