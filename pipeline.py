@@ -50,7 +50,7 @@ class PipelineConfig:
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
     augment_max_new_tokens: int = field(default=256, metadata={"help": "stage-2 reasoning length cap"})
-    gen_batch_size: int = field(default=64, metadata={"help": "rows per generation batch (stages 2 and 4)"})
+    gen_batch_size: int = field(default=128, metadata={"help": "rows per generation batch (stages 2 and 4)"})
     eval_limit: int = field(default=0, metadata={"help": "evaluate on the first N test rows (0: all 2,000)"})
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
     dtype: str = field(default="bf16", metadata={"help": "bf16 or fp32 (training keeps fp32 master weights)"})
@@ -58,6 +58,7 @@ class PipelineConfig:
     demo: bool = field(default=False, metadata={"help": "run the embedded CPU demo: a tiny model and "
                                                 "generated data, no download; mechanics, not results"})
     demo_rows: int = field(default=600, metadata={"help": "demo: emotion training rows generated"})
+    demo_epochs: float = field(default=15, metadata={"help": "demo: epochs of every fine-tune"})
 
 
 # ----------------------------------------------------------------------------- stages
@@ -79,7 +80,8 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
              settings=dict(train_common, task="q2a", data=cfg.emotion_data, epochs=cfg.cls_epochs,
                            max_seq_len=cfg.cls_max_seq_len)),
         dict(name="q2ra", inputs=["augment"], run=run_train,
-             settings=dict(train_common, task="q2ra", data=str(augmented), val_data=cfg.emotion_data,
+             # skip_bad: a reasoning the generator left empty is dropped (and counted), not fatal
+             settings=dict(train_common, task="q2ra", data=str(augmented), skip_bad=True,
                            epochs=cfg.cls_epochs, max_seq_len=cfg.cls_max_seq_len)),
         dict(name="eval_q2a", inputs=["q2a"], run=run_eval,
              settings=dict(model=str(out / "q2a" / "best"), task="q2a", data=cfg.emotion_data, split="test",
@@ -95,10 +97,8 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
 
 def run_train(settings: dict, folder: Path, cfg: PipelineConfig):
     import train
-    known = {f.name for f in fields(train.TrainConfig)}
-    args = {k: v for k, v in settings.items() if k in known}
-    resume = (folder / "last" / "train_state.pt").is_file()
-    train.train(train.TrainConfig(**args, out=str(folder), device=cfg.device or default_device(),
+    resume = (folder / "last" / "train_state.pt").is_file()  # an interrupted run continues
+    train.train(train.TrainConfig(**settings, out=str(folder), device=cfg.device or default_device(),
                                   resume=resume))
 
 
@@ -139,11 +139,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     for spec in stage_specs(cfg, out):
         name, folder = spec["name"], out / spec["name"]
         inputs = {dep: run_ids[dep] for dep in spec["inputs"]}
-        settings = json.loads(json.dumps(spec["settings"]))  # as stored: JSON types only
+        recorded = portable(spec["settings"], out)
         marker = read_marker(folder)
-        if marker is not None and marker["settings"] != settings:
-            changed = sorted(k for k in settings.keys() | marker["settings"].keys()
-                             if settings.get(k) != marker["settings"].get(k))
+        if marker is not None and marker["settings"] != recorded:
+            changed = sorted(k for k in recorded.keys() | marker["settings"].keys()
+                             if recorded.get(k) != marker["settings"].get(k))
             raise SystemExit(f"{folder} was made with other settings ({', '.join(changed)}): "
                              f"use another --out, or delete {folder} to redo it")
         if marker is not None and marker["inputs"] == inputs:
@@ -156,13 +156,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         print(f"[{name}] running")
         folder.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        spec["run"](settings, folder, cfg)
+        spec["run"](spec["settings"], folder, cfg)
         run_ids[name] = uuid.uuid4().hex
-        write_marker(folder, dict(settings=settings, inputs=inputs, run_id=run_ids[name],
+        write_marker(folder, dict(settings=recorded, inputs=inputs, run_id=run_ids[name],
                                   seconds=round(time.time() - started, 1)))
     summary = summarize(out, cfg)
     print(summary["markdown"])
     return summary
+
+
+def portable(settings: dict, out: Path) -> dict:
+    """Settings as a marker records them: JSON types, paths inside OUT written as $OUT/...,
+    so a run folder can be moved or copied and still be recognised."""
+    prefix = str(out) + "/"
+    return {k: "$OUT/" + v.removeprefix(prefix) if isinstance(v, str) and v.startswith(prefix) else v
+            for k, v in json.loads(json.dumps(settings)).items()}
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -214,6 +222,7 @@ DEMO_WORDS = {
 DEMO_TEMPLATES = ["i feel {w} {tail}", "i am feeling so {w} {tail}", "honestly i felt {w} when {event}",
                   "i have been {w} since {event}", "i feel a bit {w} {tail}"]
 DEMO_TAILS = ["today", "right now", "about my new job", "after the call", "this morning", "about the weekend"]
+DEMO_LABEL_NOISE = 0.1  # share of rows whose label is redrawn at random, like annotators' disagreements
 DEMO_EVENTS = ["my friend called", "the results came in", "i got home", "we talked", "the letter arrived"]
 
 
@@ -239,7 +248,10 @@ def write_demo_data(folder: Path, n_train: int, seed: int = 0) -> tuple[Path, Pa
         rows = []
         for _ in range(n):
             label = rng.choice(labels)
-            rows.append({"text": demo_sentence(rng, label)[0], "label": labels.index(label)})
+            text = demo_sentence(rng, label)[0]
+            if rng.random() < DEMO_LABEL_NOISE:
+                label = rng.choice(labels)
+            rows.append({"text": text, "label": labels.index(label)})
         with gzip.open(emotion / "data" / f"{split}.jsonl.gz", "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     rgen_rows = []
@@ -274,7 +286,8 @@ def prepare_demo(cfg: PipelineConfig, out: Path) -> PipelineConfig:
         Llama(config).save_pretrained(base, tokenizer_dir=tokenizer_dir)
     return PipelineConfig(**{**asdict(cfg), "base_model": str(base), "rgen_data": str(rgen),
                              "emotion_data": str(emotion), "device": "cpu", "dtype": "fp32",
-                             "lr": 3e-3, "rgen_examples": cfg.demo_rows, "rgen_epochs": 3, "cls_epochs": 3,
+                             "lr": 5e-4, "rgen_examples": cfg.demo_rows, "rgen_epochs": cfg.demo_epochs,
+                             "cls_epochs": cfg.demo_epochs,
                              "rgen_max_seq_len": 256, "cls_max_seq_len": 256, "batch_size": 16,
                              "grad_accum": 1, "augment_max_new_tokens": 40, "gen_batch_size": 64})
 

@@ -1,0 +1,103 @@
+"""The pipeline end to end on a reduced demo: every report file, skipping, reruns, refusals,
+and the README's commands."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["rgen", "augment", "q2a", "q2ra", "eval_q2a", "eval_q2ra", "compare"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on shared cores: more threads only add contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_demo(out) -> pipeline.PipelineConfig:
+    return pipeline.PipelineConfig(out=str(out), demo=True, demo_rows=96, demo_epochs=1)
+
+
+def run(cfg, capsys) -> tuple[dict, dict[str, str]]:
+    """Run the pipeline; return its summary and what each stage did (ran / skipped / redone)."""
+    summary = pipeline.run_pipeline(cfg)
+    printed = capsys.readouterr().out
+    actions = {}
+    for name, what in re.findall(r"^\[(\w+)\] (.*)$", printed, flags=re.M):
+        actions[name] = "skipped" if "skipped" in what else "ran"
+    return summary, actions
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One reduced demo run shared by the tests below (each copies it before changing it)."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("demo") / "run"
+    summary = pipeline.run_pipeline(small_demo(out))
+    return out, summary
+
+
+def test_demo_writes_every_report(demo_run):
+    out, summary = demo_run
+    for stage in STAGES:
+        assert (out / stage / "stage.json").is_file(), stage
+    for task in ("q2a", "q2ra"):
+        for name in ("predictions.jsonl", "report.json", "report.md", "confusion_matrix.png"):
+            assert (out / f"eval_{task}" / name).is_file(), (task, name)
+        for name in ("best/config.json", "best/model.safetensors", "best/tokenizer.json", "metrics.jsonl"):
+            assert (out / task / name).is_file(), (task, name)
+        report = json.loads((out / f"eval_{task}" / "report.json").read_text())
+        assert report["n"] == sum(1 for _ in open(out / f"eval_{task}" / "predictions.jsonl"))
+    augmented = [json.loads(line) for line in open(out / "augment" / "train.jsonl")]
+    assert len({r["id"] for r in augmented}) == len(augmented) == 96
+    assert (out / "summary.md").is_file() and "DEMO" in (out / "summary.md").read_text()
+    compare = json.loads((out / "compare" / "compare.json").read_text())
+    assert set(summary["compare"]) >= {"diff", "ci95", "mcnemar_p"} and compare == summary["compare"]
+
+
+def test_rerun_skips_every_stage(demo_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(demo_run[0], out)
+    before = {s: (out / s / "stage.json").read_text() for s in STAGES}
+    _, actions = run(small_demo(out), capsys)
+    assert actions == {s: "skipped" for s in STAGES}
+    assert before == {s: (out / s / "stage.json").read_text() for s in STAGES}
+
+
+def test_deleting_a_stage_reruns_it_and_what_depends_on_it(demo_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(demo_run[0], out)
+    shutil.rmtree(out / "augment")
+    _, actions = run(small_demo(out), capsys)
+    assert actions == {"rgen": "skipped", "augment": "ran", "q2a": "skipped", "q2ra": "ran",
+                       "eval_q2a": "skipped", "eval_q2ra": "ran", "compare": "ran"}
+
+
+def test_other_settings_are_refused(demo_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(demo_run[0], out)
+    cfg = small_demo(out)
+    cfg.demo_epochs = 2
+    with pytest.raises(SystemExit, match=r"rgen was made with other settings \(epochs\)"):
+        pipeline.run_pipeline(cfg)
+
+
+def test_readme_commands_exist_and_show_help():
+    readme = (ROOT / "README.md").read_text()
+    scripts = set(re.findall(r"^\s*(?:torchrun [^\n]*?)?python ([\w/]+\.py)", readme, flags=re.M))
+    scripts |= set(re.findall(r"torchrun [^\n]*? ([\w/]+\.py)", readme))
+    assert {"pipeline.py", "train.py", "generate.py", "eval.py"} <= scripts
+    for script in sorted(scripts):
+        result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0 and "usage" in result.stdout, (script, result.stderr[-500:])
