@@ -251,3 +251,17 @@ def test_truncated_safetensors(tmp_path):
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     with pytest.raises(ValueError, match="model.safetensors: unreadable safetensors file"):
         Llama.from_pretrained(tmp_path / "hf")
+
+
+def test_hub_id_offline_is_one_clear_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    code = "from model import Llama; Llama.from_pretrained('meta-llama/Llama-3.2-1B-Instruct')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0
+    assert last.startswith("RuntimeError: meta-llama/Llama-3.2-1B-Instruct: not a local folder")
+    assert "hub" in last and "\n" not in last
