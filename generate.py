@@ -6,6 +6,13 @@ batches), chat conversations, stage 2 (resumable jsonl writing) and the command 
 
     python generate.py --model DIR --prompt "How are you?"                 # streamed reply
     python generate.py --model DIR --task rgen --data SRC --split train --out aug.jsonl
+    torchrun --nproc-per-node 4 generate.py --model DIR --task rgen --data SRC --split train --out aug.jsonl
+
+Stage 2 under torchrun: the rows still to do are dealt out to the ranks (rank r of N takes every
+N-th of them in length order), rank r writes aug.jsonl.part-r, and rank 0 merges the parts into
+aug.jsonl at the end. A rerun, on any number of ranks, first merges what an interrupted run left
+and skips every id already written; a row's tokens do not depend on its batch or rank, so the
+file is the one a single process writes (rows in another order).
 
 Batches are left-padded: every row's last prompt token sits in the same slot, so one decode
 step serves the whole batch, and model.py gives each row its own positions and attention mask,
@@ -29,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from model import Llama
@@ -239,25 +247,31 @@ def augment_batch(model: Llama, tokenizer, rows: list[dict], cfg: SamplingConfig
             for row, r in zip(rows, results)]
 
 
-def done_ids(path) -> set:
-    """Ids already in the jsonl at path (empty if none). A last line without its newline was
-    torn by a crash mid-write: it is cut off, so that its row is generated again."""
+def complete_lines(path) -> list[tuple[object, str]]:
+    """(id, line) of every row of the jsonl at path (none if it does not exist). A last line
+    without its newline was torn by a crash mid-write: it is cut off, so that its row is
+    generated again."""
     path = Path(path)
     if not path.exists():
-        return set()
+        return []
     raw = path.read_bytes()
     end = raw.rfind(b"\n") + 1                          # 0 when there is no complete line
     if end < len(raw):
         with open(path, "r+b") as f:
             f.truncate(end)
             os.fsync(f.fileno())
-    ids = set()
+    rows = []
     for n, line in enumerate(raw[:end].decode("utf-8").splitlines(), 1):
         try:
-            ids.add(json.loads(line)["id"])
+            rows.append((json.loads(line)["id"], line))
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(f"{path}: line {n} is not a json row with an 'id'") from None
-    return ids
+    return rows
+
+
+def done_ids(path) -> set:
+    """Ids already in the jsonl at path (empty if none); a torn last line is cut off (complete_lines)."""
+    return {row_id for row_id, _ in complete_lines(path)}
 
 
 def append_rows(path, rows: list[dict]):
@@ -268,21 +282,63 @@ def append_rows(path, rows: list[dict]):
         os.fsync(f.fileno())
 
 
-def write_json_atomic(path, obj):
+def write_text_atomic(path, text: str):
+    """Write a temporary file, fsync it, rename it over path: path is always whole, the old or the new."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: merge_parts deletes the parts next
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def part_path(out_path, rank: int, world: int) -> Path:
+    """Where a rank appends its rows: out_path itself in a single process, out_path.part-RANK under torchrun."""
+    out_path = Path(out_path)
+    return out_path if world == 1 else out_path.with_name(f"{out_path.name}.part-{rank}")
+
+
+def part_files(out_path) -> list[Path]:
+    out_path = Path(out_path)
+    prefix = out_path.name + ".part-"
+    parts = [p for p in out_path.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
+    return sorted(parts, key=lambda p: int(p.name[len(prefix):]))
+
+
+def merge_parts(out_path):
+    """Fold every part file into out_path, each id once, and remove the parts; repair a torn
+    last line of out_path. A crash at any point leaves each row in out_path or a part (or
+    both: hence the check for ids already taken), and the next merge completes the job."""
+    out_path = Path(out_path)
+    lines = complete_lines(out_path)
+    parts = part_files(out_path)
+    if not parts:
+        return
+    taken = {row_id for row_id, _ in lines}
+    for part in parts:
+        for row_id, line in complete_lines(part):
+            if row_id not in taken:
+                taken.add(row_id)
+                lines.append((row_id, line))
+    write_text_atomic(out_path, "".join(line + "\n" for _, line in lines))
+    for part in parts:
+        part.unlink()
 
 
 def check_meta(out_path, meta: dict, force: bool):
-    """Refuse to resume out_path with other settings than those in its sidecar, unless force;
-    then (re)write the sidecar."""
+    """Refuse to resume out_path (or its part files) with other settings than those in its
+    sidecar, unless force; then (re)write the sidecar."""
     out_path = Path(out_path)
     meta_path = out_path.with_name(out_path.name + ".meta.json")
-    if out_path.exists() and not force:
+    if (out_path.exists() or part_files(out_path)) and not force:
         if not meta_path.is_file():
             raise ValueError(f"{out_path}: exists without {meta_path.name}, so its settings are unknown; "
                              f"use --force to resume it anyway, or another --out")
@@ -318,7 +374,11 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
             compile: bool = False) -> dict:
     """Stage 2: write a reasoning for every emotion row of data/split (or of `rows`, when given)
     to out_path (jsonl: id, text, label, reasoning, n_tokens, hit_limit). Resumable: rows whose
-    id is already in out_path are skipped. Returns (and prints) a summary."""
+    id is already in out_path are skipped. Returns (and prints) a summary.
+
+    In a process group (torchrun), every rank calls this: rank r of N generates every N-th of
+    the remaining rows into out_path.part-r, and rank 0 merges the parts into out_path (see the
+    module docstring); the summary counts the rows of all ranks."""
     import data as data_lib
     cfg = cfg or SamplingConfig()
     if batch_size < 1:
@@ -334,29 +394,38 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    barrier = dist.barrier if dist.is_initialized() else lambda: None
+    device, dtype = resolve_device_dtype(device, dtype)
     local = Path(model_dir).expanduser()
     meta = {"model": str(local.resolve()) if local.is_dir() else str(model_dir), "task": "rgen",
             "prompt_version": data_lib.PROMPT_VERSION, **asdict(cfg)}
-    check_meta(out_path, meta, force)
+    check_meta(out_path, meta, force)  # on every rank, so that all stop alike on a refusal
+    barrier()                  # all checked the files as they were
+    if rank == 0:
+        merge_parts(out_path)  # the rows an interrupted run left in part files, whatever its rank count
+    barrier()                  # all read the merged file, before any writes
     done = done_ids(out_path)
     # Similar lengths share a batch (little padding); the prompt is a fixed template around the
     # text, so the text's length orders the prompts. A stable sort: a resumed run meets the
-    # remaining rows in the same batches as an uninterrupted one.
+    # remaining rows in the same batches as an uninterrupted one. Every rank sorts the same
+    # rows, and dealing them out in turn gives each rank the same mix of lengths.
     todo = sorted((row for row in rows if row["id"] not in done), key=lambda row: len(row["text"]))
+    mine, part = todo[rank::world], part_path(out_path, rank, world)
 
     summary = {"out": str(out_path), "rows": 0, "skipped": len(rows) - len(todo), "tokens": 0,
                "hit_limit": 0, "empty": 0}
     start = time.time()
-    if todo:  # a finished file needs no model
-        device, dtype = resolve_device_dtype(device, dtype)
+    if mine:  # a finished file needs no model
         model = Llama.from_pretrained(model_dir, dtype, device).eval()
         tokenizer = data_lib.Tokenizer.from_dir(model_dir)
         if compile:
             compile_decode()
-    bar = tqdm(total=len(todo), unit="row", desc="augment")
-    for lo in range(0, len(todo), batch_size):
-        written = augment_batch(model, tokenizer, todo[lo:lo + batch_size], cfg)
-        append_rows(out_path, written)
+    bar = tqdm(total=len(mine), unit="row", desc="augment" if world == 1 else f"augment (rank 0 of {world})",
+               disable=rank > 0)  # under torchrun, rank 0's share stands for the progress of all
+    for lo in range(0, len(mine), batch_size):
+        written = augment_batch(model, tokenizer, mine[lo:lo + batch_size], cfg)
+        append_rows(part, written)
         summary["rows"] += len(written)
         summary["tokens"] += sum(r["n_tokens"] for r in written)
         summary["hit_limit"] += sum(r["hit_limit"] for r in written)
@@ -364,10 +433,19 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
         bar.update(len(written))
         bar.set_postfix_str(f"{summary['tokens'] / (time.time() - start):.0f} tok/s")
     bar.close()
+    if world > 1:
+        counts = ("rows", "tokens", "hit_limit", "empty")
+        totals = torch.tensor([summary[k] for k in counts], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)  # also waits for every rank to finish its part
+        summary.update({k: int(v) for k, v in zip(counts, totals.tolist())})
+        if rank == 0:
+            merge_parts(out_path)
+        barrier()              # the merged file is whole when any rank returns
     summary["seconds"] = round(time.time() - start, 2)
-    print(f"augment: wrote {summary['rows']} rows to {out_path} ({summary['skipped']} were already there), "
-          f"{summary['tokens']} tokens, {summary['hit_limit']} hit the {cfg.max_new_tokens}-token limit, "
-          f"{summary['empty']} empty replies, {summary['seconds']:.1f} s")
+    if rank == 0:
+        print(f"augment: wrote {summary['rows']} rows to {out_path} ({summary['skipped']} were already there), "
+              f"{summary['tokens']} tokens, {summary['hit_limit']} hit the {cfg.max_new_tokens}-token limit, "
+              f"{summary['empty']} empty replies, {summary['seconds']:.1f} s")
     return summary
 
 
@@ -378,7 +456,9 @@ def main(argv=None):
         description="Chat with a model (--prompt, reply streamed) or run stage 2 (--task rgen: "
                     "a reasoning for every emotion row, written to --out as resumable jsonl).",
         epilog="Defaults are greedy decoding (deterministic, reproducible) and max_new_tokens 256, "
-               "the stage-2 settings. Rerun a stage-2 command to resume it.")
+               "the stage-2 settings. Rerun a stage-2 command to resume it. Stage 2 runs on N GPUs as "
+               "'torchrun --nproc-per-node N generate.py --task rgen ...': each rank writes OUT.part-RANK, "
+               "merged into OUT at the end; a rerun resumes on any number of ranks.")
     p.add_argument("--model", required=True, help="checkpoint folder (or hub id) with tokenizer files")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="one user message; the reply is printed as it is generated")
@@ -395,7 +475,7 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling streams (default 0)")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--device", help="default: cuda if available, else cpu (under torchrun: the GPU LOCAL_RANK)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPU)")
     args = p.parse_args(argv)
@@ -405,8 +485,10 @@ def main(argv=None):
         if args.task:
             if not args.data or not args.out:
                 p.error("--task rgen needs --data and --out")
-            augment(args.model, args.data, args.split, args.out, cfg, args.batch_size, args.limit,
-                    args.force, args.device, args.dtype, compile=args.compile)
+            from train import distributed  # joins torchrun's process group, if launched by torchrun
+            with distributed(args.device or "") as device:
+                augment(args.model, args.data, args.split, args.out, cfg, args.batch_size, args.limit,
+                        args.force, device, args.dtype, compile=args.compile)
         else:
             import data as data_lib
             device, dtype = resolve_device_dtype(args.device, args.dtype)

@@ -312,5 +312,9 @@ if __name__ == "__main__":
     cfg = parse_args()
     if cfg.demo and cfg.out == PipelineConfig.out:
         cfg.out = "runs/demo"
-    run_pipeline(cfg)
-    sys.exit(0)
+    try:
+        run_pipeline(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
+        sys.exit(f"pipeline.py: {e}")
+    except KeyboardInterrupt:
+        sys.exit("pipeline.py: interrupted; run the same command again to continue")

@@ -19,6 +19,18 @@ Ctrl-C (or SIGTERM) finishes the current optimizer step, saves last/ and exits; 
 the steps since the last --save-every. --resume continues from last/ exactly where the run
 stopped: on CPU in fp32 its losses equal those of an uninterrupted run bit for bit.
 
+Data parallel on N GPUs of one machine (the same flags; gloo on CPU, NCCL on CUDA):
+
+    torchrun --nproc-per-node 4 train.py --task q2a --data dair-ai/emotion --out runs/q2a --grad-accum 4
+
+An optimizer step is the same batch_size x grad_accum examples whatever N is: rank r runs the
+step's micro-batches r, r + N, ... (so --grad-accum must be a multiple of N), and the gradients
+are summed over the ranks. N ranks therefore train the model one process would (up to the
+order of floating-point sums), the lr schedule and step count do not change with N, and a run
+may be resumed on another number of ranks. Only rank 0 logs and writes files. Every rank holds
+the whole model and its AdamW state (the fp32 figures below, per GPU): sharding them (FSDP2)
+for models that do not fit one GPU, such as the 3B and 8B ones, is not implemented.
+
 Precision: with --dtype bf16 the weights, gradients and AdamW state stay fp32 (the master
 copy) and only the forward/backward matmuls run in bf16 under autocast. A bf16 weight cannot
 take an update below ~1/256 of its size, so lr 1e-5 steps would mostly round away; fp32
@@ -41,11 +53,13 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -98,7 +112,8 @@ class TrainConfig:
     save_every: int = _f(200, "write OUT/last every N optimizer steps (and at the end, and on Ctrl-C)")
     resume: bool = _f(False, "continue the run in --out from OUT/last exactly where it stopped")
     seed: int = _f(0, "seed of the batch order, the held-out slice and the torch/python RNGs")
-    device: str = _f("", "cuda, cuda:N or cpu (default: cuda when available)")
+    device: str = _f("", "cuda, cuda:N or cpu (default: cuda when available); under torchrun, "
+                     "cuda and cuda:N mean the GPU LOCAL_RANK")
     skip_bad: bool = _f(False, "skip (and count) bad data rows instead of stopping at the first one")
 
     def __post_init__(self):
@@ -129,7 +144,78 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def log(msg: str):
-    tqdm.write(f"train: {msg}", file=sys.stderr)
+    if is_main():
+        tqdm.write(f"train: {msg}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- distributed
+# Under torchrun every rank runs this whole file on its own device, with all the data and a
+# whole copy of the model. An optimizer step's micro-batches are dealt out to the ranks, the
+# loss of each is divided by the target tokens of the whole step (all ranks), and the gradients
+# are summed over the ranks before clipping and the AdamW step, which then run identically on
+# every rank: the copies never drift apart, and no parameters need to be exchanged.
+
+@contextmanager
+def distributed(device: str = ""):
+    """Under torchrun (RANK is set), join its process group for the duration: NCCL on CUDA, where
+    LOCAL_RANK picks the GPU, gloo on CPU. Otherwise there is one process and nothing to join.
+    Yields the device this process uses."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        yield device
+        return
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    # A long timeout: the other ranks wait in a collective while rank 0 writes a checkpoint
+    # (or, in generate.py, until the slowest rank has finished its rows).
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1),
+                            device_id=torch.device(device) if cuda else None)
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of ranks): (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def all_sum(values: list, device) -> list:
+    """values summed over the ranks (in float64: exact for counts); as they are without a process group."""
+    if not dist.is_initialized():
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def sum_gradients(model: Llama):
+    """Sum every gradient over the ranks; a rank without a micro-batch in this step adds zeros.
+
+    By hand, once per optimizer step, rather than by a DistributedDataParallel wrapper: DDP
+    synchronises only through its wrapper's forward, which train.py bypasses (it calls
+    model.hidden_states and model.lm_head itself), and a rank without a micro-batch (an epoch's
+    last step may be short) would run no backward pass for DDP's hooks. What this gives up is
+    DDP's overlap of the communication with the last backward pass: little beside the
+    grad_accum / N micro-batches of compute of a step."""
+    if not dist.is_initialized():
+        return
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------- data
@@ -195,7 +281,7 @@ def held_out_count(cfg: TrainConfig, n_rows: int) -> int:
 def encode(cfg: TrainConfig, tokenizer, rows, name: str) -> tuple[list[Example], int]:
     """Token ids and target masks; returns them with the number of examples cut at max_seq_len."""
     examples, truncated, empty = [], 0, 0
-    for row in tqdm(rows, desc=f"tokenize {name}", unit="row", leave=False):
+    for row in tqdm(rows, desc=f"tokenize {name}", unit="row", leave=False, disable=not is_main()):
         ex = data.encode_example(tokenizer, data.example_messages(cfg.task, row), cfg.max_seq_len)
         truncated += ex["truncated"]
         if not any(ex["target_mask"]):  # the cut left no reply token: nothing to learn from
@@ -266,14 +352,19 @@ def count_targets(micro_batches: list[Batch]) -> int:
 
 def forward_backward(model: Llama, micro_batches: list[Batch], bf16: bool) -> float:
     """Accumulate the gradient of one optimizer step: the same as one forward/backward of the
-    concatenated batch. Returns the step's loss per target token."""
-    n_targets = count_targets(micro_batches)  # counted before the passes, so each can backward at once
+    concatenated batch. Returns the step's loss per target token. Under torchrun micro_batches
+    are this rank's share of the step, and every rank ends with the gradient of the whole step."""
+    device = model.embed_tokens.weight.device
+    # Counted (over all ranks) before the passes, so that each can run its backward at once.
+    n_targets, = all_sum([count_targets(micro_batches)], device)
     total = 0.0
     for batch in micro_batches:
         loss = loss_sum(model, batch, bf16)
         (loss / n_targets).backward()
         total += loss.detach()
-    return float(total) / n_targets
+    sum_gradients(model)
+    total, = all_sum([float(total)], device)
+    return total / n_targets
 
 
 def train_step(model: Llama, optimizer, micro_batches: list[Batch], lr: float, cfg: TrainConfig) -> tuple[float, float]:
@@ -290,12 +381,14 @@ def train_step(model: Llama, optimizer, micro_batches: list[Batch], lr: float, c
 
 @torch.no_grad()
 def validation_loss(model: Llama, batches: list[Batch], bf16: bool) -> float:
-    """Loss per target token over the whole validation set."""
+    """Loss per target token over the whole validation set (under torchrun: batches is this
+    rank's share of it)."""
     was_training = model.training
     model.eval()
     total = sum(float(loss_sum(model, b, bf16)) for b in batches)
     model.train(was_training)
-    return total / count_targets(batches)
+    total, count = all_sum([total, count_targets(batches)], model.embed_tokens.weight.device)
+    return total / count
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
@@ -433,8 +526,13 @@ def stop_requests():
 # ----------------------------------------------------------------------------- training
 
 def train(cfg: TrainConfig) -> Path:
-    """Fine-tune cfg.model on cfg.task; returns the folder of the best checkpoint (OUT/best)."""
+    """Fine-tune cfg.model on cfg.task; returns the folder of the best checkpoint (OUT/best).
+    Under torchrun (see distributed), each rank calls this with its own device."""
     out = Path(cfg.out)
+    rank, world = rank_and_world()
+    if cfg.grad_accum % world:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} is not a multiple of the {world} ranks, "
+                         f"which share each step's micro-batches")
     if cfg.resume:
         check_resumable(cfg, out)
     elif (out / "last" / "train_state.pt").exists():
@@ -459,11 +557,13 @@ def train(cfg: TrainConfig) -> Path:
     stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     val_order = sorted(range(len(val_set)), key=lambda i: len(val_set[i].ids))  # sorted: least padding
     val_batches = [collate([val_set[i] for i in val_order[s:s + cfg.batch_size]], tokenizer.pad_id).to(device)
-                   for s in range(0, len(val_order), cfg.batch_size)]
-    write_json(out / "train_config.json", {
-        "config": asdict(cfg), "prompt_version": data.PROMPT_VERSION, "train_examples": len(train_set),
-        "val_examples": len(val_set), **data_counts, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-        "examples_per_step": cfg.batch_size * cfg.grad_accum, "device": str(device), "torch": torch.__version__})
+                   for s in range(0, len(val_order), cfg.batch_size)][rank::world]  # this rank's share
+    if rank == 0:
+        write_json(out / "train_config.json", {
+            "config": asdict(cfg), "prompt_version": data.PROMPT_VERSION, "train_examples": len(train_set),
+            "val_examples": len(val_set), **data_counts, "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps, "examples_per_step": cfg.batch_size * cfg.grad_accum, "ranks": world,
+            "device": str(device), "torch": torch.__version__})
     log(f"{cfg.task}: {len(train_set)} training / {len(val_set)} validation examples, "
         f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in the schedule, stopping at {stop_step}")
 
@@ -483,23 +583,25 @@ def train(cfg: TrainConfig) -> Path:
         set_rng_state(state.pop("rng"))
         progress = state
         log(f"resumed at step {progress['step']} (epoch {progress['epoch']}, step {progress['index']} of it)")
-    truncate_metrics(out / "metrics.jsonl", progress["step"])
+    if rank == 0:
+        truncate_metrics(out / "metrics.jsonl", progress["step"])
 
     def evaluate_and_keep_best() -> dict:
-        if not val_batches:
+        if not val_set:
             return {}
-        val_loss = validation_loss(model, val_batches, bf16)
+        val_loss = validation_loss(model, val_batches, bf16)  # the same on every rank
         if val_loss < progress["best_val_loss"]:
             progress["best_val_loss"] = val_loss
-            model.save_pretrained(out / "best", tokenizer_dir=tokenizer_dir)
+            if rank == 0:
+                model.save_pretrained(out / "best", tokenizer_dir=tokenizer_dir)
         return {"val_loss": val_loss}
 
     # the loop: one optimizer step per iteration, from wherever the run stands to stop_step
-    bar = tqdm(total=stop_step, initial=progress["step"], desc=f"train {cfg.task}", unit="step")
+    bar = tqdm(total=stop_step, initial=progress["step"], desc=f"train {cfg.task}", unit="step", disable=rank > 0)
     start_time = time.perf_counter() - progress["elapsed_s"]
     epoch, index = progress["epoch"], progress["index"]
     steps = optimizer_steps(cfg, lengths, epoch)
-    with stop_requests() as stop, open(out / "metrics.jsonl", "a") as metrics:
+    with stop_requests() as stop, open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as metrics:
         while progress["step"] < stop_step:
             if index == len(steps):  # the epoch is done: the next one has its own batch order
                 epoch, index = epoch + 1, 0
@@ -507,7 +609,7 @@ def train(cfg: TrainConfig) -> Path:
             t0 = time.perf_counter()
             lr = lr_at(progress["step"], cfg, total_steps)
             micro_batches = [collate([train_set[i] for i in ids], tokenizer.pad_id).to(device)
-                             for ids in steps[index]]
+                             for ids in steps[index][rank::world]]  # this rank's share of the step
             loss, grad_norm = train_step(model, optimizer, micro_batches, lr, cfg)
             dt = time.perf_counter() - t0
 
@@ -515,7 +617,9 @@ def train(cfg: TrainConfig) -> Path:
             progress.update(step=progress["step"] + 1, epoch=epoch, index=index,
                             elapsed_s=time.perf_counter() - start_time)
             step = progress["step"]
-            tokens, targets = sum(b.n_tokens for b in micro_batches), count_targets(micro_batches)
+            # Summed over the ranks, with the stop requests: any rank's Ctrl-C stops them all at this step.
+            tokens, targets, stopping = all_sum([sum(b.n_tokens for b in micro_batches),
+                                                 count_targets(micro_batches), stop.is_set()], device)
             row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tokens / dt, "target_tokens_per_s": targets / dt}
             if step % cfg.eval_every == 0 or step == stop_step:
@@ -526,25 +630,30 @@ def train(cfg: TrainConfig) -> Path:
             # tok/s counts every real (non-padding) token; tgt/s only the reply tokens that carry the loss
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
                             tgt_s=f"{targets / dt:.0f}", refresh=False)
-            if step % cfg.save_every == 0 or step == stop_step or stop.is_set():
-                save_last(out, model, optimizer, progress, tokenizer_dir)
-            if stop.is_set():
+            if step % cfg.save_every == 0 or step == stop_step or stopping:
+                if rank == 0:
+                    save_last(out, model, optimizer, progress, tokenizer_dir)
+                barrier()  # no rank exits (which would make torchrun stop rank 0) before the save is whole
+            if stopping:
                 bar.close()
                 log(f"stopped at step {step}; {out / 'last'} is saved: continue with --resume")
                 raise KeyboardInterrupt
     bar.close()
-    if not val_batches:  # nothing to select on: the final model is the best we know
-        model.save_pretrained(out / "best", tokenizer_dir=tokenizer_dir)
-    log(f"done at step {progress['step']}: best validation loss {progress['best_val_loss']:.4f}, "
-        f"{progress['elapsed_s'] / 60:.1f} min in all; best checkpoint: {out / 'best'}")
-    plot_losses(out)
+    if rank == 0:
+        if not val_set:  # nothing to select on: the final model is the best we know
+            model.save_pretrained(out / "best", tokenizer_dir=tokenizer_dir)
+        log(f"done at step {progress['step']}: best validation loss {progress['best_val_loss']:.4f}, "
+            f"{progress['elapsed_s'] / 60:.1f} min in all; best checkpoint: {out / 'best'}")
+        plot_losses(out)
+    barrier()
     return out / "best"
 
 
 def main(argv=None):
     cfg = parse_args(argv)
     try:
-        train(cfg)
+        with distributed(cfg.device) as device:
+            train(replace(cfg, device=device))
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generate import SamplingConfig, append_rows, check_meta, done_ids, generate_ids, sample
+from generate import SamplingConfig, append_rows, check_meta, done_ids, generate_ids, merge_parts, sample
 from model import Llama, LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,6 +219,30 @@ def test_sidecar_refuses_other_settings_unless_forced(tmp_path):
     meta_path.unlink()
     with pytest.raises(ValueError, match="settings are unknown"):
         check_meta(out, meta, force=False)
+    out.unlink()                                       # only the part file of a sharded run: the same
+    (tmp_path / "aug.jsonl.part-1").write_text("")
+    with pytest.raises(ValueError, match="settings are unknown"):
+        check_meta(out, meta, force=False)
+
+
+def test_merge_parts_takes_each_id_once_and_repairs_torn_lines(tmp_path):
+    """As after a crash between the merged file's rename and the removal of the parts: ids 2 and
+    3 are in both; part-1 and the merged file end in torn lines; part-10 sorts after part-2."""
+    out = tmp_path / "aug.jsonl"
+    append_rows(out, [{"id": i} for i in (0, 2, 3)])
+    for rank, ids in ((10, [9]), (1, [1, 3, 5]), (2, [2, 4])):
+        append_rows(tmp_path / f"aug.jsonl.part-{rank}", [{"id": i, "rank": rank} for i in ids])
+    for torn in (out, tmp_path / "aug.jsonl.part-1"):
+        with open(torn, "a") as f:
+            f.write('{"id": 7, "rea')
+    (tmp_path / "aug.jsonl.part-x").write_text("not ours")
+    merge_parts(out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [{"id": 0}, {"id": 2}, {"id": 3}, {"id": 1, "rank": 1}, {"id": 5, "rank": 1},
+                    {"id": 4, "rank": 2}, {"id": 9, "rank": 10}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aug.jsonl", "aug.jsonl.part-x"]
+    merge_parts(out)                                   # nothing to merge: unchanged
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
 
 
 # ----------------------------------------------------------------------------- command line (real subprocesses)
