@@ -1,0 +1,152 @@
+"""torchrun on CPU (gloo, 2 ranks, real subprocesses): data-parallel training equals one process,
+resumes under torchrun and on another rank count; sharded stage 2 equals one process, survives
+a rank killed part-way, and resumes on another rank count.
+
+The tiny models, data and helpers are those of test_train.py and test_generate.py. Every process
+runs torch on one thread (see test_train.py).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import Llama
+from test_generate import emotion_file, model_dir, read_rows  # noqa: F401 (model_dir is a fixture)
+from test_train import assets, cli_args, metrics, run_config  # noqa: F401 (assets is a fixture)
+
+REPO = Path(__file__).resolve().parent.parent
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def torchrun(script: str, *args, nproc: int = 2) -> subprocess.Popen:
+    """`torchrun --standalone --nproc-per-node N script args` (--standalone: a free port of its own)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(REPO / script), *map(str, args)]
+    return subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finish(proc: subprocess.Popen, timeout=120) -> str:
+    output = proc.communicate(timeout=timeout)[0]
+    assert proc.returncode == 0, output
+    return output
+
+
+def launch(script: str, *args, nproc: int) -> subprocess.Popen:
+    """torchrun for N > 1 ranks, a plain process for 1."""
+    if nproc > 1:
+        return torchrun(script, *args, nproc=nproc)
+    return subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=ONE_THREAD,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+# ----------------------------------------------------------------------------- training
+
+def assert_close_runs(out, reference):
+    """The same steps, epochs and lr; losses, gradient norms and validation losses within rel 1e-5;
+    best/ and last/ weights within atol 1e-5 (fp32: only the order of the sums differs)."""
+    ours, ref = metrics(out), metrics(reference)
+    assert [(m["step"], m["epoch"], m["lr"], "val_loss" in m) for m in ours] == \
+        [(m["step"], m["epoch"], m["lr"], "val_loss" in m) for m in ref]
+    for a, b in zip(ours, ref):
+        for key in ("loss", "grad_norm", "val_loss"):
+            assert a.get(key) == pytest.approx(b.get(key), rel=1e-5), (a["step"], key)
+    for name in ("last", "best"):
+        a = Llama.from_pretrained(Path(out) / name).state_dict()
+        b = Llama.from_pretrained(Path(reference) / name).state_dict()
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=f"{name}: {key}")
+
+
+def test_two_ranks_train_what_one_process_trains_and_resume(assets, tmp_path):
+    """34 examples in micro-batches of 4, 4 per step: steps of 4, 4 and 1 micro-batches per epoch,
+    so ranks run 2 micro-batches each, or 1 and none (rank 1 then adds zero gradients). 12
+    validation examples in 3 batches: 2 on rank 0, 1 on rank 1. Evaluated at every step; stopped
+    at step 3, resumed by one process to step 5, then under torchrun to step 9 (epoch 3)."""
+    cfg = run_config(assets, tmp_path / "one", max_examples=34, grad_accum=4, epochs=3, eval_every=1,
+                     save_every=4)
+    train.train(cfg)
+    assert len(metrics(cfg.out)) == 9
+
+    two = replace(cfg, out=str(tmp_path / "two"))
+    finish(torchrun("train.py", *cli_args(replace(two, max_steps=3))))
+    config = json.loads((tmp_path / "two" / "train_config.json").read_text())
+    assert config["ranks"] == 2 and config["examples_per_step"] == 16
+    assert torch.load(tmp_path / "two" / "last" / "train_state.pt", weights_only=True)["step"] == 3
+    train.train(replace(two, resume=True, max_steps=5))
+    output = finish(torchrun("train.py", *cli_args(replace(two, resume=True))))
+    assert output.count("resumed at step 5") == 1  # only rank 0 logs
+    assert_close_runs(tmp_path / "two", cfg.out)
+
+
+def test_grad_accum_must_be_shared_evenly(assets, tmp_path):
+    proc = torchrun("train.py", *cli_args(run_config(assets, tmp_path, grad_accum=3)))
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "--grad-accum 3 is not a multiple of the 2 ranks" in output
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+def stage2_args(model_dir, src, out):
+    return ["--model", model_dir, "--task", "rgen", "--data", src, "--split", "train", "--batch-size", 2,
+            "--max-new-tokens", 32, "--out", out]
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def kill_rank_part_way(proc: subprocess.Popen, out: Path, rank: int):
+    """SIGKILL one rank once both ranks have written rows; torchrun then stops the other rank
+    (SIGTERM: it may die in the middle of a write) and fails."""
+    parts = [out.with_name(f"{out.name}.part-{r}") for r in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(p.exists() and p.read_text().count("\n") >= 2 for p in parts):
+        assert proc.poll() is None, f"the run ended before the kill:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+    for pid in child_pids(proc.pid):
+        if f"RANK={rank}\0" in Path(f"/proc/{pid}/environ").read_text():
+            os.kill(pid, signal.SIGKILL)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, output
+
+
+def test_sharded_stage2_equals_one_process_and_survives_a_killed_rank(model_dir, tmp_path):
+    n = 16
+    src = emotion_file(tmp_path, n)
+    finish(launch("generate.py", *stage2_args(model_dir, src, tmp_path / "one.jsonl"), nproc=1))
+    one, count = read_rows(tmp_path / "one.jsonl")
+    assert count == n and len({r["reasoning"] for r in one.values()}) > n // 2
+
+    # greedy: the merged file has the rows of the single process
+    out = tmp_path / "two.jsonl"
+    output = finish(torchrun("generate.py", *stage2_args(model_dir, src, out)))
+    assert read_rows(out) == (one, n) and not list(tmp_path.glob("*.part-*"))
+    assert f"wrote {n} rows" in output and output.count("augment: wrote") == 1  # rank 0 sums up for all
+
+    # a rank killed part-way; a rerun on 2 ranks, or on 1, loses and duplicates nothing
+    for rerun_ranks in (2, 1):
+        out = tmp_path / f"killed-then-{rerun_ranks}.jsonl"
+        kill_rank_part_way(torchrun("generate.py", *stage2_args(model_dir, src, out)), out, rank=1)
+        parts = list(tmp_path.glob(f"{out.name}.part-*"))
+        written = sum(p.read_text().count("\n") for p in parts)  # complete lines: a last one may be torn
+        assert len(parts) == 2 and not out.exists() and 4 <= written < n
+        finish(launch("generate.py", *stage2_args(model_dir, src, out), nproc=rerun_ranks))
+        assert read_rows(out) == (one, n) and not list(tmp_path.glob(f"{out.name}.part-*"))
