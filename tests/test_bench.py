@@ -1,0 +1,56 @@
+"""bench.py smoke test: a tiny config and a one-point grid, run end to end (including the four
+training subprocesses, most of its ~15 s); the JSON must hold every figure with both sides and a
+ratio. No timing is asserted."""
+import json
+import math
+
+import pytest
+
+pytest.importorskip("transformers")
+import bench  # noqa: E402
+
+TINY = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
+
+
+def test_grid_points_cross_and_full():
+    args = bench.parse_args(["--grid-seqs", "128,512,2048", "--grid-batches", "1,8,32"])
+    assert bench.grid_points(args) == [(1, 128), (1, 512), (1, 2048), (8, 128), (32, 128)]
+    args = bench.parse_args(["--grid-seqs", "128,512", "--grid-batches", "1,8", "--full"])
+    assert bench.grid_points(args) == [(1, 128), (1, 512), (8, 128), (8, 512)]
+
+
+def test_bench_writes_every_figure(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    out = tmp_path / "bench.json"
+    bench.main(["--config", str(tmp_path / "config.json"), "--threads", "1", "--reps", "1", "--warmup", "1",
+                "--batch", "2", "--seq", "16", "--prompt-len", "8", "--new-tokens", "3",
+                "--stage2-rows", "3", "--stage2-batch", "2", "--stage2-new-tokens", "3",
+                "--grid-seqs", "16", "--grid-batches", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+
+    found = {(f["section"], f["figure"], f["batch"], f.get("seq"), f.get("ckpt")) for f in result["figures"]}
+    expected = {("headline", "train", 2, 16, False), ("headline", "train", 2, 16, True),
+                ("headline", "train_mem", 2, 16, False), ("headline", "train_mem", 2, 16, True),
+                ("headline", "prefill", 2, 16, None), ("headline", "decode", 1, 8, None),
+                ("headline", "decode", 32, 8, None), ("headline", "stage2", 2, None, None)}
+    expected |= {("grid", "train", 2, 16, False), ("grid", "train_mem", 2, 16, False),  # the headline's
+                 ("grid", "prefill", 2, 16, None), ("grid", "decode", 2, 16, None)}       # measurements, reused
+    assert found == expected
+    for f in result["figures"]:
+        assert f["ours"] > 0 and f["transformers"] > 0, f
+        assert math.isclose(f["ratio"], f["ours"] / f["transformers"]), f
+    train = next(f for f in result["figures"] if f["figure"] == "train")
+    assert math.isclose(train["first_loss"]["ours"], train["first_loss"]["transformers"], rel_tol=1e-4)
+    stage2 = next(f for f in result["figures"] if f["figure"] == "stage2")
+    assert stage2["tokens_produced"]["ours"] > 0 and stage2["tokens_produced"]["transformers"] > 0
+
+    meta = result["meta"]
+    assert meta["max_abs_logit_diff"] < 1e-4 and meta["transformers_attention"] == "sdpa"
+    assert meta["machine"]["threads"] == 1 and meta["machine"]["cpu"]
+    assert len(result["targets"]) == 4 and all(isinstance(t["met"], bool) for t in result["targets"])
+    printed = capsys.readouterr().out
+    assert "ours/tf" in printed and "target batch-1 decode" in printed
