@@ -504,16 +504,21 @@ def plot_losses(out: Path):
 @contextmanager
 def stop_requests():
     """Ctrl-C (or SIGTERM) sets a flag: the loop finishes its optimizer step, saves OUT/last and
-    stops, so no half-applied update is ever saved. A second Ctrl-C stops at once."""
+    stops, so no half-applied update is ever saved. A second Ctrl-C stops at once, but not under
+    torchrun: there a terminal's Ctrl-C reaches every rank twice (directly, and passed on by
+    torchrun, which kills the ranks that have not exited 30 s later)."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield stop
         return
 
     def request(signum, frame):
+        if not stop.is_set():
+            log("stopping after this step to save OUT/last"
+                + ("" if dist.is_initialized() else " (Ctrl-C again to quit without saving)"))
         stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        log("stopping after this step to save OUT/last (Ctrl-C again to quit without saving)")
+        if not dist.is_initialized():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -20,7 +20,7 @@ import torch
 import train
 from model import Llama
 from test_generate import emotion_file, model_dir, read_rows  # noqa: F401 (model_dir is a fixture)
-from test_train import assets, cli_args, metrics, run_config  # noqa: F401 (assets is a fixture)
+from test_train import assets, cli_args, metrics, run_config, wait_for  # noqa: F401 (assets: a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -35,11 +35,12 @@ def one_thread():
 
 
 def torchrun(script: str, *args, nproc: int = 2) -> subprocess.Popen:
-    """`torchrun --standalone --nproc-per-node N script args` (--standalone: a free port of its own)."""
+    """`torchrun --standalone --nproc-per-node N script args` (--standalone: a free port of its
+    own), in a process group of its own, which a Ctrl-C reaches as a whole."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                str(REPO / script), *map(str, args)]
     return subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, timeout=120) -> str:
@@ -77,21 +78,26 @@ def assert_close_runs(out, reference):
 def test_two_ranks_train_what_one_process_trains_and_resume(assets, tmp_path):
     """34 examples in micro-batches of 4, 4 per step: steps of 4, 4 and 1 micro-batches per epoch,
     so ranks run 2 micro-batches each, or 1 and none (rank 1 then adds zero gradients). 12
-    validation examples in 3 batches: 2 on rank 0, 1 on rank 1. Evaluated at every step; stopped
-    at step 3, resumed by one process to step 5, then under torchrun to step 9 (epoch 3)."""
-    cfg = run_config(assets, tmp_path / "one", max_examples=34, grad_accum=4, epochs=3, eval_every=1,
-                     save_every=4)
+    validation examples in 3 batches: 2 on rank 0, 1 on rank 1. Evaluated at every step.
+    Ctrl-C part-way (SIGINT to torchrun and both ranks, as a terminal sends it) saves the step
+    it stops at; one process resumes for 2 steps, then torchrun to the end (step 30)."""
+    cfg = run_config(assets, tmp_path / "one", max_examples=34, grad_accum=4, epochs=10, eval_every=1,
+                     save_every=100)
     train.train(cfg)
-    assert len(metrics(cfg.out)) == 9
+    assert len(metrics(cfg.out)) == 30
 
     two = replace(cfg, out=str(tmp_path / "two"))
-    finish(torchrun("train.py", *cli_args(replace(two, max_steps=3))))
+    proc = torchrun("train.py", *cli_args(two))
+    wait_for(lambda: (tmp_path / "two" / "metrics.jsonl").is_file() and len(metrics(two.out)) >= 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and output.count("continue with --resume") == 1, output  # only rank 0 logs
+    stopped = torch.load(tmp_path / "two" / "last" / "train_state.pt", weights_only=True)["step"]
+    assert stopped == len(metrics(two.out)) <= 28
+    train.train(replace(two, resume=True, max_steps=stopped + 2))
+    finish(torchrun("train.py", *cli_args(replace(two, resume=True))))
     config = json.loads((tmp_path / "two" / "train_config.json").read_text())
     assert config["ranks"] == 2 and config["examples_per_step"] == 16
-    assert torch.load(tmp_path / "two" / "last" / "train_state.pt", weights_only=True)["step"] == 3
-    train.train(replace(two, resume=True, max_steps=5))
-    output = finish(torchrun("train.py", *cli_args(replace(two, resume=True))))
-    assert output.count("resumed at step 5") == 1  # only rank 0 logs
     assert_close_runs(tmp_path / "two", cfg.out)
 
 
