@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 PAPER = {"q2a": 0.497, "q2ra": 0.584}  # accuracies the paper reports on the test split
+VALIDATION_ROWS = 500  # validation rows of stage 3 (the first of the split), for its loss and best/
 DEMO_MODEL_CONFIG = Path(__file__).with_name("demo") / "tiny_llama.json"
 
 
@@ -68,21 +69,26 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
     train_common = dict(model=cfg.base_model, lr=cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                         dtype=cfg.dtype, seed=cfg.seed)
     augmented = out / "augment" / "train.jsonl"
+    augmented_val = out / "augment" / "validation.jsonl"
     return [
         dict(name="rgen", inputs=[], run=run_train,
              settings=dict(train_common, task="rgen", data=cfg.rgen_data, max_examples=cfg.rgen_examples,
                            epochs=cfg.rgen_epochs, max_seq_len=cfg.rgen_max_seq_len)),
+        # The training split, and the validation rows that q2ra checks its loss on.
         dict(name="augment", inputs=["rgen"], run=run_augment,
-             settings=dict(model=str(out / "rgen" / "best"), data=cfg.emotion_data, split="train",
+             settings=dict(model=str(out / "rgen" / "best"), data=cfg.emotion_data,
                            max_new_tokens=cfg.augment_max_new_tokens, dtype=cfg.dtype, seed=cfg.seed,
-                           out_path=str(augmented))),
+                           train_out=str(augmented), validation_out=str(augmented_val),
+                           validation_rows=VALIDATION_ROWS)),
         dict(name="q2a", inputs=[], run=run_train,
              settings=dict(train_common, task="q2a", data=cfg.emotion_data, epochs=cfg.cls_epochs,
-                           max_seq_len=cfg.cls_max_seq_len)),
+                           max_seq_len=cfg.cls_max_seq_len, val_examples=VALIDATION_ROWS)),
         dict(name="q2ra", inputs=["augment"], run=run_train,
              # skip_bad: a reasoning the generator left empty is dropped (and counted), not fatal
-             settings=dict(train_common, task="q2ra", data=str(augmented), skip_bad=True,
-                           epochs=cfg.cls_epochs, max_seq_len=cfg.cls_max_seq_len)),
+             # Both classifiers train on every training row and validate on the same validation rows.
+             settings=dict(train_common, task="q2ra", data=str(augmented), val_data=str(augmented_val),
+                           val_examples=VALIDATION_ROWS, skip_bad=True, epochs=cfg.cls_epochs,
+                           max_seq_len=cfg.cls_max_seq_len)),
         dict(name="eval_q2a", inputs=["q2a"], run=run_eval,
              settings=dict(model=str(out / "q2a" / "best"), task="q2a", data=cfg.emotion_data, split="test",
                            limit=cfg.eval_limit or None, dtype=cfg.dtype)),
@@ -105,9 +111,10 @@ def run_train(settings: dict, folder: Path, cfg: PipelineConfig):
 def run_augment(settings: dict, folder: Path, cfg: PipelineConfig):
     import generate
     sampling = generate.SamplingConfig(max_new_tokens=settings["max_new_tokens"], seed=settings["seed"])
-    generate.augment(settings["model"], settings["data"], settings["split"], settings["out_path"], sampling,
-                     batch_size=cfg.gen_batch_size, device=cfg.device or default_device(),
-                     dtype=settings["dtype"])
+    for split, limit in (("train", None), ("validation", settings["validation_rows"])):
+        generate.augment(settings["model"], settings["data"], split, settings[f"{split}_out"], sampling,
+                         batch_size=cfg.gen_batch_size, limit=limit, device=cfg.device or default_device(),
+                         dtype=settings["dtype"])
 
 
 def run_eval(settings: dict, folder: Path, cfg: PipelineConfig):

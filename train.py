@@ -88,6 +88,8 @@ class TrainConfig:
                            "exists, else N held out from the training rows, at most a tenth of them (a seeded "
                            "random slice; rgen: the first rows of the stream, read on top of --max-examples). "
                            "0: no validation, best/ = the final model")
+    val_data: str = _f("", "q2a/q2ra: take the validation rows from here instead (an emotion source, or a "
+                           "stage-2 jsonl for q2ra), so that every training row is trained on")
     max_seq_len: int = _f(0, "token limit per example; longer ones are truncated and counted "
                           "(0: 1024 for rgen, whose replies are long, 512 for q2a/q2ra)")
     epochs: float = _f(2.0, "passes over the training examples; the lr schedule spans them "
@@ -246,12 +248,13 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
         n_val = held_out_count(cfg, len(examples))
         train_set, val_set, skipped = examples[n_val:], examples[:n_val], rows.skipped
     else:
-        if cfg.task == "q2ra" and Path(cfg.data).is_file():
-            train_rows = data.read_augmented(cfg.data, skip_bad=cfg.skip_bad)  # the reasoning comes from stage 2
-        else:
-            train_rows = data.read_emotion(cfg.data, "train", skip_bad=cfg.skip_bad)
+        train_rows = emotion_rows(cfg, cfg.data, "train")
         skipped, val_rows = train_rows.skipped, None
-        if cfg.val_examples and not Path(cfg.data).is_file():  # a single file is one split only
+        if cfg.val_examples and cfg.val_data:
+            val_rows = emotion_rows(cfg, cfg.val_data, "validation")
+            skipped += val_rows.skipped
+            val_rows = val_rows[:cfg.val_examples]
+        elif cfg.val_examples and not Path(cfg.data).is_file():  # a single file is one split only
             try:
                 val_rows = data.read_emotion(cfg.data, "validation", skip_bad=cfg.skip_bad)
                 skipped += val_rows.skipped
@@ -271,6 +274,13 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
     if skipped:
         log(f"--skip-bad: {skipped} bad rows were skipped (the warnings above name them)")
     return train_set, val_set, {"truncated_examples": truncated, "skipped_bad_rows": skipped}
+
+
+def emotion_rows(cfg: TrainConfig, source, split: str):
+    """q2a/q2ra rows of one split; for q2ra a file is stage 2's output, which holds the reasoning."""
+    if cfg.task == "q2ra" and Path(source).is_file():
+        return data.read_augmented(source, skip_bad=cfg.skip_bad)
+    return data.read_emotion(source, split, skip_bad=cfg.skip_bad)
 
 
 def held_out_count(cfg: TrainConfig, n_rows: int) -> int:
@@ -661,6 +671,8 @@ def main(argv=None):
             train(replace(cfg, device=device))
     except KeyboardInterrupt:
         sys.exit(130)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
+        sys.exit(f"train.py: {e}")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ def test_demo_writes_every_report(demo_run):
         assert report["n"] == sum(1 for _ in open(out / f"eval_{task}" / "predictions.jsonl"))
     augmented = [json.loads(line) for line in open(out / "augment" / "train.jsonl")]
     assert len({r["id"] for r in augmented}) == len(augmented) == 96
+    assert sum(1 for _ in open(out / "augment" / "validation.jsonl")) == 30  # the demo's whole validation split
+    q2ra_config = json.loads((out / "q2ra" / "train_config.json").read_text())
+    assert q2ra_config["train_examples"] == 96 and q2ra_config["val_examples"] == 30
     assert (out / "summary.md").is_file() and "DEMO" in (out / "summary.md").read_text()
     compare = json.loads((out / "compare" / "compare.json").read_text())
     assert set(summary["compare"]) >= {"diff", "ci95", "mcnemar_p"} and compare == summary["compare"]

@@ -179,6 +179,13 @@ def test_validation_rows(assets):
     assert [ex.ids.tolist() for ex in again] == [ex.ids.tolist() for ex in val_set]
     assert {tuple(ex.ids.tolist()) for ex in other_seed} != held_out
 
+    # --val-data: validation from a separate stage-2 file, every training row trained on
+    val_file = assets.augmented.with_name("validation.jsonl")
+    val_file.write_text("".join(assets.augmented.read_text().splitlines(keepends=True)[40:]))
+    train_set, val_set, _ = train.load_examples(replace(cfg, val_data=str(val_file), val_examples=3), tokenizer)
+    assert len(train_set) == 48 and [ex.ids.tolist() for ex in val_set] == \
+        [ex.ids.tolist() for ex in examples_of("q2ra", tokenizer, assets.rows[40:43])]
+
     cfg = replace(cfg, task="rgen", data=str(assets.rgen), max_examples=8, val_examples=1)
     train_set, val_set, _ = train.load_examples(cfg, tokenizer)
     expected = examples_of("rgen", tokenizer, assets.rgen_rows[:9])
