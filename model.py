@@ -225,7 +225,7 @@ class Attention(nn.Module):
             cache_k[:, :, start:start + T] = k
             cache_v[:, :, start:start + T] = v
             k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]            # (B, nkv, S, hd)
-        if mask is None:  # no padding and no cache: plain causal attention (fast kernels on GPU)
+        if mask is None:  # no padding, nothing cached before these tokens: plain causal attention (fast kernels)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:             # mask: (B, 1, T, S) bool, True = may attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -327,7 +327,8 @@ class Llama(nn.Module):
 
     def _positions_and_mask(self, real, cache):
         """Per-row positions (B, T) and the attention mask (B, 1, T, S) for tokens whose
-        padding pattern is `real` (B, T), continuing `cache` if given."""
+        padding pattern is `real` (B, T), continuing `cache` if given; the mask is None
+        where plain causal attention is exact."""
         B, T = real.shape
         start = cache.length if cache is not None else 0
         positions = real.long().cumsum(1) - 1                                  # (B, T)
@@ -339,6 +340,10 @@ class Llama(nn.Module):
         else:
             key_real = real
         positions = positions.clamp(min=0)                                     # left padding: -1 -> 0
+        if start == 0 and bool(real.all()):
+            # An empty cache and no padding (a single prompt, or prompts of one length): plain
+            # causal attention is exact, and SDPA's causal kernels skip the masked half.
+            return positions, None
         q_slot = torch.arange(start, start + T, device=real.device)[:, None]   # (T, 1)
         k_slot = torch.arange(start + T, device=real.device)[None, :]          # (1, S)
         causal = k_slot <= q_slot                                              # (T, S)
