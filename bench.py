@@ -93,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row in decode figures")
     p.add_argument("--stage2-rows", type=int, default=64)
     p.add_argument("--stage2-batch", type=int, default=32)
-    p.add_argument("--stage2-new-tokens", type=int, default=32)
+    p.add_argument("--stage2-new-tokens", type=int, default=64)
     p.add_argument("--grid-seqs", default="128,512,2048", help="sequence lengths of the scaling grid")
     p.add_argument("--grid-batches", default="1,8,32", help="batch sizes of the scaling grid")
     p.add_argument("--full", action="store_true", help="every (batch, seq) pair of the grid, training with and "
@@ -123,19 +123,25 @@ def prepare(args, folder: Path) -> tuple[Path, data.Tokenizer]:
         try:
             return Path(args.model), data.Tokenizer.from_dir(args.model)
         except FileNotFoundError:  # weights without tokenizer files: a small one serves stage 2
-            return Path(args.model), data.Tokenizer.from_dir(small_tokenizer(folder / "tok"))
+            config = LlamaConfig.from_json(Path(args.model) / "config.json")
+            return Path(args.model), data.Tokenizer.from_dir(small_tokenizer(folder / "tok", config.vocab_size))
     config = LlamaConfig.from_json(args.config) if args.config else LlamaConfig.from_hf(DEFAULT_CONFIG, "DEFAULT_CONFIG")
-    tokenizer = data.Tokenizer.from_dir(small_tokenizer(folder / "tok"))
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"vocab_size {config.vocab_size} is below the bench tokenizer's {tokenizer.vocab_size}")
+    tokenizer = data.Tokenizer.from_dir(small_tokenizer(folder / "tok", config.vocab_size))
     config.bos_token_id, config.eos_token_id = tokenizer.bos_id, sorted(tokenizer.stop_ids)
     torch.manual_seed(args.seed)
     Llama(config).save_pretrained(folder / "model", tokenizer_dir=folder / "tok")
     return folder / "model", data.Tokenizer.from_dir(folder / "model")
 
 
-def small_tokenizer(out_dir: Path) -> Path:
-    return data.build_tokenizer(emotion_texts(200), out_dir, chat_format="llama3", vocab_size=300)
+def small_tokenizer(out_dir: Path, vocab_size: int) -> Path:
+    """A byte-level BPE learned on the stage-2 prompts themselves, so that they take about as many
+    tokens as with a real tokenizer (one or two per word), within the model's vocabulary."""
+    rows = [{"text": t, "label": data.LABELS[i % 6]} for i, t in enumerate(emotion_texts(200))]
+    texts = [data.prompt_messages("rgen", data.emotion_as_rgen(row))[0]["content"] for row in rows]
+    learned = min(2000, vocab_size - len(data.CHAT_TOKENS["llama3"]))
+    if learned < 256:
+        raise ValueError(f"vocab_size {vocab_size} is too small for the bench tokenizer (256 bytes + special tokens)")
+    return data.build_tokenizer(texts, out_dir, chat_format="llama3", vocab_size=learned)
 
 
 WORDS = ("i feel so happy today because my friend came home again after the long rain and we "
