@@ -60,7 +60,7 @@ import torch.nn.functional as F
 import data
 import generate
 import train
-from model import Llama, LlamaConfig
+from model import Llama, LlamaConfig, resolve_checkpoint
 
 # A quarter of Llama-3.2-1B in every width (hidden 2048, MLP 8192, 32/8 heads, vocab 128256), 4 of
 # its 16 layers, the same head_dim and llama3 rope scaling: mid-size and CPU-friendly.
@@ -120,11 +120,12 @@ def say(msg: str):
 def prepare(args, folder: Path) -> tuple[Path, data.Tokenizer]:
     """The checkpoint folder both sides load (with tokenizer files), and its tokenizer."""
     if args.model:
+        model_dir = resolve_checkpoint(args.model)  # a folder, or a hub id downloaded once
         try:
-            return Path(args.model), data.Tokenizer.from_dir(args.model)
+            return model_dir, data.Tokenizer.from_dir(model_dir)
         except FileNotFoundError:  # weights without tokenizer files: a small one serves stage 2
-            config = LlamaConfig.from_json(Path(args.model) / "config.json")
-            return Path(args.model), data.Tokenizer.from_dir(small_tokenizer(folder / "tok", config.vocab_size))
+            config = LlamaConfig.from_json(model_dir / "config.json")
+            return model_dir, data.Tokenizer.from_dir(small_tokenizer(folder / "tok", config.vocab_size))
     config = LlamaConfig.from_json(args.config) if args.config else LlamaConfig.from_hf(DEFAULT_CONFIG, "DEFAULT_CONFIG")
     tokenizer = data.Tokenizer.from_dir(small_tokenizer(folder / "tok", config.vocab_size))
     config.bos_token_id, config.eos_token_id = tokenizer.bos_id, sorted(tokenizer.stop_ids)
@@ -343,7 +344,7 @@ def train_step_fn(model, spec: dict):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
     return step
 
 
