@@ -42,9 +42,10 @@ def test_bench_writes_every_figure(tmp_path, capsys):
     assert found == expected
     for f in result["figures"]:
         assert f["ours"] > 0 and f["transformers"] > 0, f
+        assert math.isfinite(f["ratio"]) and f["ratio"] > 0, f
+        assert len(f["reps"]["ours"]) == len(f["reps"]["transformers"]) == 1  # --reps 1: the ratio is theirs
         assert math.isclose(f["ratio"], f["ours"] / f["transformers"]), f
     train = next(f for f in result["figures"] if f["figure"] == "train")
-    assert len(train["reps"]["ours"]) == 1 and len(train["reps"]["transformers"]) == 1
     assert math.isclose(train["first_loss"]["ours"], train["first_loss"]["transformers"], rel_tol=1e-4)
     stage2 = next(f for f in result["figures"] if f["figure"] == "stage2")
     assert stage2["tokens_produced"]["ours"] > 0 and stage2["tokens_produced"]["transformers"] > 0
