@@ -6,8 +6,8 @@ LlamaForCausalLM: the same weights, the same inputs, one run, one table (and a J
     python bench.py --config config.json         # random weights with a checkpoint's shapes
     python bench.py --model DIR --device cuda    # a real checkpoint on a GPU (bf16): adds MFU and bandwidth share
 
-Every figure is ours beside transformers', each the median of --reps repetitions after --warmup
-ones, and the ratio ours / transformers: the median of the per-repetition ratios (the sides'
+Every figure is ours beside transformers', each the median of --reps repetitions (training:
+--train-reps optimizer steps) after --warmup ones, and the ratio ours / transformers: the median of the per-repetition ratios (the sides'
 repetitions alternate, so a burst of other work slows both). "noise" is the wider of the two
 sides' (max - min) / median: where it is large, the machine was busy.
 Transformers runs with its defaults, what a user would get: sdpa attention, DynamicCache, and for
@@ -101,7 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true", help="every (batch, seq) pair of the grid, training with and "
                    "without checkpointing (default: the pairs on the smallest batch or the smallest seq, "
                    "training without checkpointing)")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions; the median is quoted")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions of inference figures; the median is quoted")
+    p.add_argument("--train-reps", type=int, default=5, help="timed optimizer steps per training figure (its "
+                   "steps are slower and vary more: page faults on the large logits buffers, others' jobs)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (training: at least 1)")
     p.add_argument("--peak-flops", type=float, default=989e12, help="cuda: peak FLOP/s for MFU (H100 bf16 dense)")
     p.add_argument("--peak-bandwidth", type=float, default=3.35e12, help="cuda: peak memory bytes/s (H100 SXM)")
@@ -459,11 +461,22 @@ def machine(args) -> dict:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), cpu)
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
-            "python": platform.python_version(), "device": args.device, "dtype": args.dtype,
-            "load_average_at_start": os.getloadavg()[0]}
+            "python": platform.python_version(), "device": args.device, "dtype": args.dtype}
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(args.device)
     return info
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, of which this run: itself and its finished
+    workers). Their difference over a run is what other jobs took from it (Linux; else zeros)."""
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    try:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own
 
 
 class Bench:
@@ -520,7 +533,7 @@ class Bench:
             spec = {"model_dir": str(self.model_dir), "device": self.device, "dtype": a.dtype, "threads": a.threads,
                     "batch": B, "seq": T, "ckpt": ckpt, "target_frac": a.target_frac, "seed": a.seed + 4}
             warmup = max(1, a.warmup)  # the first step allocates the AdamW state
-            res = train_both(spec, warmup + a.reps, interleave=not self.device.startswith("cuda"))
+            res = train_both(spec, warmup + a.train_reps, interleave=not self.device.startswith("cuda"))
             where = dict(batch=B, seq=T, ckpt=ckpt)
             speed = figure("train", "tokens/s", {s: [B * T / r["seconds"] for r in res[s]["steps"][warmup:]]
                                                  for s in SIDES}, **where)
@@ -536,7 +549,7 @@ class Bench:
 def run(args) -> dict:
     import transformers
     torch.set_num_threads(args.threads)
-    info = machine(args)
+    info, busy_at_start = machine(args), cpu_seconds()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         model_dir, tokenizer = prepare(args, Path(tmp))
         b = Bench(args, model_dir, tokenizer)
@@ -561,7 +574,7 @@ def run(args) -> dict:
                 "transformers_optimizer": "torch AdamW(fused=True)",
                 "model": str(args.model or args.config or "DEFAULT_CONFIG (random weights)"),
                 "config": b.ours.config.to_hf(), "params": b.ours.num_params(), "flop_params": b.n_flop,
-                "max_abs_logit_diff": logit_diff, "reps": args.reps,
+                "max_abs_logit_diff": logit_diff, "reps": args.reps, "train_reps": args.train_reps,
                 "warmup": args.warmup, "new_tokens": args.new_tokens, "target_frac": args.target_frac}
         b.ours = b.hf = None  # training loads its own copies, in subprocesses
 
@@ -572,8 +585,9 @@ def run(args) -> dict:
             for ckpt in ((False, True) if args.full else (False,)):
                 say(f"grid: training at batch {B}, seq {T}" + (", checkpointing on" if ckpt else ""))
                 b.training("grid", B, T, ckpt)
-    meta["machine"]["load_average_at_end"] = os.getloadavg()[0]
     meta["seconds"] = round(time.perf_counter() - START, 1)
+    (busy0, own0), (busy1, own1) = busy_at_start, cpu_seconds()
+    meta["machine"]["other_jobs_cores"] = max(0.0, (busy1 - busy0) - (own1 - own0)) / meta["seconds"]
     order = ["train", "train_mem", "train_mfu", "prefill", "decode", "decode_bw", "stage2"]
     figures = sorted(b.figures, key=lambda f: (f["section"] != "headline", order.index(f["figure"]),
                                                f["batch"], f.get("seq", 0), f.get("ckpt", False)))
@@ -602,15 +616,15 @@ def table(result: dict) -> str:
     c = meta["config"]
     lines = [
         f"machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}; torch {m['torch']}, "
-        f"{m['threads']} threads; {m['device']}, {m['dtype']}; load average {m['load_average_at_start']:.2f} at "
-        f"start, {m['load_average_at_end']:.2f} at end",
+        f"{m['threads']} threads; {m['device']}, {m['dtype']}; other jobs used {m['other_jobs_cores']:.2f} of the "
+        f"{m['cores']} cores during the run",
         f"model: {meta['model']}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, mlp "
         f"{c['intermediate_size']}, heads {c['num_attention_heads']}/{c['num_key_value_heads']} kv, head_dim "
         f"{c['head_dim']}, vocab {c['vocab_size']}, {meta['params'] / 1e6:.1f}M parameters; "
         f"max |logit difference| {meta['max_abs_logit_diff']:.1e}",
         f"against transformers {meta['transformers']} LlamaForCausalLM ({meta['transformers_attention']}, "
-        f"{meta['transformers_cache']}, {meta['transformers_optimizer']}); median of {meta['reps']} after "
-        f"{meta['warmup']} warm-up; decode: {meta['new_tokens']} new tokens after a prompt of seq tokens; "
+        f"{meta['transformers_cache']}, {meta['transformers_optimizer']}); median of {meta['reps']} "
+        f"({meta['train_reps']} training steps) after {meta['warmup']} warm-up; decode: {meta['new_tokens']} new tokens after a prompt of seq tokens; "
         f"{meta['seconds']:.0f} s in all",
         "",
         f"{'section':<8} {'figure':<9} {'batch':>5} {'seq':>5} {'ckpt':>4} {'ours':>9} {'transformers':>12} "
