@@ -305,7 +305,7 @@ def worker_main(spec: dict):
     stdin, answering {"seconds", "loss"}; on "done", the peak memory above the loaded weights."""
     reply, sys.stdout = sys.stdout, sys.stderr  # the protocol owns stdout; stray prints go to stderr
     torch.set_num_threads(spec["threads"])
-    device, B, T = spec["device"], spec["batch"], spec["seq"]
+    device = spec["device"]
     model = load(spec["side"], Path(spec["model_dir"]), torch.float32, device).train()  # fp32 masters
     peak = memory_probe(device)
     step = train_step_fn(model, spec)
@@ -399,6 +399,11 @@ class TrainWorker:
         self.proc.stdin.flush()
         return self.reply()
 
+    def finish(self) -> int:
+        peak = self.send("done")["peak_bytes"]
+        self.proc.wait()
+        return peak
+
     def close(self):
         if self.proc.poll() is None:
             self.proc.kill()
@@ -411,15 +416,14 @@ def train_both(spec: dict, n_steps: int, interleave: bool) -> dict:
     step in turn; otherwise (GPU, whose memory both would share) one after the other."""
     steps, peaks, workers = {side: [] for side in SIDES}, {}, {}
     try:
-        for batch_of_sides in ([SIDES] if interleave else [[side] for side in SIDES]):
-            for side in batch_of_sides:
+        for group in ([SIDES] if interleave else [[side] for side in SIDES]):
+            for side in group:
                 workers[side] = TrainWorker({**spec, "side": side})
             for i in range(n_steps):
-                for side in (batch_of_sides if i % 2 == 0 else batch_of_sides[::-1]):
+                for side in (group if i % 2 == 0 else group[::-1]):
                     steps[side].append(workers[side].send("step"))
-            for side in batch_of_sides:
-                peaks[side] = workers[side].send("done")["peak_bytes"]
-                workers[side].close()
+            for side in group:
+                peaks[side] = workers[side].finish()
     finally:
         for w in workers.values():
             w.close()
