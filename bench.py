@@ -6,10 +6,10 @@ LlamaForCausalLM: the same weights, the same inputs, one run, one table (and a J
     python bench.py --config config.json         # random weights with a checkpoint's shapes
     python bench.py --model DIR --device cuda    # a real checkpoint on a GPU (bf16): adds MFU and bandwidth share
 
-Every figure is ours beside transformers', each the median of --reps repetitions (training:
---train-reps optimizer steps) after --warmup ones, and the ratio ours / transformers: the median of the per-repetition ratios (the sides'
-repetitions alternate, so a burst of other work slows both). "noise" is the wider of the two
-sides' (max - min) / median: where it is large, the machine was busy.
+Every figure is ours beside transformers', each the median of --reps repetitions after --warmup
+ones (training: --train-reps optimizer steps after --train-warmup), and the ratio ours /
+transformers: the median of the per-repetition ratios (the sides' repetitions alternate, so a
+burst of other work slows both). "noise" is the wider of the two sides' (max - min) / median.
 Transformers runs with its defaults, what a user would get: sdpa attention, DynamicCache, and for
 training torch's fused AdamW (its Trainer's default, adamw_torch_fused). The figures:
 
@@ -102,9 +102,11 @@ def parse_args(argv=None):
                    "without checkpointing (default: the pairs on the smallest batch or the smallest seq, "
                    "training without checkpointing)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of inference figures; the median is quoted")
-    p.add_argument("--train-reps", type=int, default=5, help="timed optimizer steps per training figure (its "
-                   "steps are slower and vary more: page faults on the large logits buffers, others' jobs)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (training: at least 1)")
+    p.add_argument("--train-reps", type=int, default=5, help="timed optimizer steps per training figure")
+    p.add_argument("--train-warmup", type=int, default=3, help="untimed optimizer steps first (at least 1: the "
+                   "first allocates the AdamW state; on CPU the next ones are still slow while the allocator "
+                   "settles)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     p.add_argument("--peak-flops", type=float, default=989e12, help="cuda: peak FLOP/s for MFU (H100 bf16 dense)")
     p.add_argument("--peak-bandwidth", type=float, default=3.35e12, help="cuda: peak memory bytes/s (H100 SXM)")
     p.add_argument("--seed", type=int, default=0)
@@ -536,7 +538,7 @@ class Bench:
             a = self.args
             spec = {"model_dir": str(self.model_dir), "device": self.device, "dtype": a.dtype, "threads": a.threads,
                     "batch": B, "seq": T, "ckpt": ckpt, "target_frac": a.target_frac, "seed": a.seed + 4}
-            warmup = max(1, a.warmup)  # the first step allocates the AdamW state
+            warmup = max(1, a.train_warmup)
             res = train_both(spec, warmup + a.train_reps, interleave=not self.device.startswith("cuda"))
             where = dict(batch=B, seq=T, ckpt=ckpt)
             speed = figure("train", "tokens/s", {s: [B * T / r["seconds"] for r in res[s]["steps"][warmup:]]
@@ -578,8 +580,9 @@ def run(args) -> dict:
                 "transformers_optimizer": "torch AdamW(fused=True)",
                 "model": str(args.model or args.config or "DEFAULT_CONFIG (random weights)"),
                 "config": b.ours.config.to_hf(), "params": b.ours.num_params(), "flop_params": b.n_flop,
-                "max_abs_logit_diff": logit_diff, "reps": args.reps, "train_reps": args.train_reps,
-                "warmup": args.warmup, "new_tokens": args.new_tokens, "target_frac": args.target_frac}
+                "max_abs_logit_diff": logit_diff, "reps": args.reps, "warmup": args.warmup,
+                "train_reps": args.train_reps, "train_warmup": args.train_warmup, "new_tokens": args.new_tokens,
+                "target_frac": args.target_frac}
         b.ours = b.hf = None  # training loads its own copies, in subprocesses
 
         for ckpt in (False, True):
@@ -627,8 +630,9 @@ def table(result: dict) -> str:
         f"{c['head_dim']}, vocab {c['vocab_size']}, {meta['params'] / 1e6:.1f}M parameters; "
         f"max |logit difference| {meta['max_abs_logit_diff']:.1e}",
         f"against transformers {meta['transformers']} LlamaForCausalLM ({meta['transformers_attention']}, "
-        f"{meta['transformers_cache']}, {meta['transformers_optimizer']}); median of {meta['reps']} "
-        f"({meta['train_reps']} training steps) after {meta['warmup']} warm-up; decode: {meta['new_tokens']} new tokens after a prompt of seq tokens; "
+        f"{meta['transformers_cache']}, {meta['transformers_optimizer']}); median of {meta['reps']} after "
+        f"{meta['warmup']} warm-up (training: {meta['train_reps']} steps after {meta['train_warmup']}); decode: "
+        f"{meta['new_tokens']} new tokens after a prompt of seq tokens; "
         f"{meta['seconds']:.0f} s in all",
         "",
         f"{'section':<8} {'figure':<9} {'batch':>5} {'seq':>5} {'ckpt':>4} {'ours':>9} {'transformers':>12} "

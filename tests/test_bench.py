@@ -26,7 +26,8 @@ def test_grid_points_cross_and_full():
 def test_bench_writes_every_figure(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     out = tmp_path / "bench.json"
-    bench.main(["--config", str(tmp_path / "config.json"), "--threads", "1", "--reps", "1", "--train-reps", "1", "--warmup", "1",
+    bench.main(["--config", str(tmp_path / "config.json"), "--threads", "1", "--reps", "1", "--warmup", "1",
+                "--train-reps", "1", "--train-warmup", "1",
                 "--batch", "2", "--seq", "16", "--prompt-len", "8", "--new-tokens", "3",
                 "--stage2-rows", "3", "--stage2-batch", "2", "--stage2-new-tokens", "3",
                 "--grid-seqs", "16", "--grid-batches", "2", "--out", str(out)])
