@@ -390,11 +390,10 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
         raise ValueError(f"scoring '{scoring}' is not generate or logprob")
     if scoring == "logprob" and task != "q2a":
         raise ValueError("logprob scoring needs replies that are just the label: q2a only, not q2ra")
-    import torch
     import data as data_module
+    from generate import resolve_device_dtype
     from model import Llama
 
-    from generate import resolve_device_dtype
     device, dtype = resolve_device_dtype(device, dtype)
     t0 = time.perf_counter()
     rows = data_module.read_emotion(data, split)[:limit]

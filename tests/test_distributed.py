@@ -26,14 +26,6 @@ REPO = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def torchrun(script: str, *args, nproc: int = 2) -> subprocess.Popen:
     """`torchrun --standalone --nproc-per-node N script args` (--standalone: a free port of its
     own), in a process group of its own, which a Ctrl-C reaches as a whole."""

@@ -22,14 +22,6 @@ GREEDY = SamplingConfig(max_new_tokens=20)
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed=0, vocab=97, std=0.3, **kw) -> Llama:
     """Weights with a large std, so the logits are peaked and argmax has no near-ties."""
     torch.manual_seed(seed)

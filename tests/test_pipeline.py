@@ -8,21 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["rgen", "augment", "q2a", "q2ra", "eval_q2a", "eval_q2ra", "compare"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on shared cores: more threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_demo(out) -> pipeline.PipelineConfig:
@@ -42,7 +32,6 @@ def run(cfg, capsys) -> tuple[dict, dict[str, str]]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """One reduced demo run shared by the tests below (each copies it before changing it)."""
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("demo") / "run"
     summary = pipeline.run_pipeline(small_demo(out))
     return out, summary

@@ -32,14 +32,6 @@ WORDS = {"sadness": "sad lonely tears gloomy", "joy": "happy glad smile cheerful
          "surprise": "shocked amazed wow sudden"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def emotion_row(rng: random.Random, i: int) -> dict:
     label = rng.choice(data.LABELS)
     text = "i feel " + " ".join(rng.choice(WORDS[label].split()) for _ in range(rng.randint(1, 10)))
