@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 PAPER = {"q2a": 0.497, "q2ra": 0.584}  # accuracies the paper reports on the test split
@@ -104,7 +104,7 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
 def run_train(settings: dict, folder: Path, cfg: PipelineConfig):
     import train
     resume = (folder / "last" / "train_state.pt").is_file()  # an interrupted run continues
-    train.train(train.TrainConfig(**settings, out=str(folder), device=cfg.device or default_device(),
+    train.train(train.TrainConfig(**settings, out=str(folder), device=cfg.device,
                                   resume=resume))
 
 
@@ -113,7 +113,7 @@ def run_augment(settings: dict, folder: Path, cfg: PipelineConfig):
     sampling = generate.SamplingConfig(max_new_tokens=settings["max_new_tokens"], seed=settings["seed"])
     for split, limit in (("train", None), ("validation", settings["validation_rows"])):
         generate.augment(settings["model"], settings["data"], split, settings[f"{split}_out"], sampling,
-                         batch_size=cfg.gen_batch_size, limit=limit, device=cfg.device or default_device(),
+                         batch_size=cfg.gen_batch_size, limit=limit, device=cfg.device,
                          dtype=settings["dtype"])
 
 
@@ -121,7 +121,7 @@ def run_eval(settings: dict, folder: Path, cfg: PipelineConfig):
     import eval as evaluation
     evaluation.evaluate(settings["model"], settings["task"], settings["data"], split=settings["split"],
                         out_dir=folder, limit=settings["limit"], batch_size=cfg.gen_batch_size,
-                        device=cfg.device or default_device(), dtype=settings["dtype"])
+                        device=cfg.device, dtype=settings["dtype"])
 
 
 def run_compare(settings: dict, folder: Path, cfg: PipelineConfig):
@@ -142,6 +142,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.demo:
         cfg = prepare_demo(cfg, out)
+    cfg = replace(cfg, device=cfg.device or default_device())
     run_ids = {}
     for spec in stage_specs(cfg, out):
         name, folder = spec["name"], out / spec["name"]
@@ -296,12 +297,10 @@ def prepare_demo(cfg: PipelineConfig, out: Path) -> PipelineConfig:
         config = LlamaConfig.from_json(DEMO_MODEL_CONFIG)
         torch.manual_seed(cfg.seed)
         Llama(config).save_pretrained(base, tokenizer_dir=tokenizer_dir)
-    return PipelineConfig(**{**asdict(cfg), "base_model": str(base), "rgen_data": str(rgen),
-                             "emotion_data": str(emotion), "device": "cpu", "dtype": "fp32",
-                             "lr": 5e-4, "rgen_examples": cfg.demo_rows, "rgen_epochs": cfg.demo_epochs,
-                             "cls_epochs": cfg.demo_epochs,
-                             "rgen_max_seq_len": 256, "cls_max_seq_len": 256, "batch_size": 16,
-                             "grad_accum": 1, "augment_max_new_tokens": 40, "gen_batch_size": 64})
+    return replace(cfg, base_model=str(base), rgen_data=str(rgen), emotion_data=str(emotion), device="cpu",
+                   dtype="fp32", lr=5e-4, rgen_examples=cfg.demo_rows, rgen_epochs=cfg.demo_epochs,
+                   cls_epochs=cfg.demo_epochs, rgen_max_seq_len=256, cls_max_seq_len=256, batch_size=16,
+                   grad_accum=1, augment_max_new_tokens=40, gen_batch_size=64)
 
 
 # ----------------------------------------------------------------------------- command line
