@@ -205,17 +205,25 @@ def _read_json(path: Path):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def write_atomic(path: Path, content: bytes | str) -> None:
-    """Write via a temporary file in the same folder and os.replace: never a half-written file."""
+def write_atomic(path, content) -> None:
+    """Write `content` (str, bytes, or a function that writes the temporary path it is given)
+    to a temporary file in the same folder, fsync it, then os.replace it over `path`: a reader,
+    or a run killed at any moment, only ever sees the old file or the new one, whole.
+    Every file this project writes goes through here."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        if callable(content):
+            content(tmp)
+        else:
+            tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave it empty
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- a small tokenizer

@@ -27,14 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from data import write_atomic
 
 # Same names and order as data.LABELS (dair-ai id order); repeated here so that parsing,
 # metrics and --compare work without the model stack (tests check the two agree).
@@ -169,26 +169,8 @@ def bootstrap_diff_ci(correct_a, correct_b, n_boot: int = 10000, seed: int = 0) 
 
 # ----------------------------------------------------------------------------- files
 
-def write_atomic(path, write):
-    """Create `path` through write(tmp_path) on a temporary file in the same folder, then
-    os.replace: a reader never sees a half-written file, even if the run is killed."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path, text: str):
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def write_jsonl_atomic(path, rows):
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_predictions(path) -> list[dict]:
@@ -232,9 +214,9 @@ def write_report(out_dir, predictions: list[dict], meta: dict) -> dict:
         "rows_per_s": len(predictions) / wall if wall else None,
     }
     write_jsonl_atomic(out_dir / "predictions.jsonl", predictions)
-    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     png = plot_confusion(out_dir / "confusion_matrix.png", metrics["confusion_matrix"]["counts"])
-    write_text_atomic(out_dir / "report.md", render_markdown(report, predictions, png))
+    write_atomic(out_dir / "report.md", render_markdown(report, predictions, png))
     return report
 
 
@@ -508,7 +490,7 @@ def main(argv=None):
             print(format_comparison(result))
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+                write_atomic(args.out, json.dumps(result, indent=2) + "\n")
             return
         missing = [flag for flag in ("model", "task", "data", "out") if getattr(args, flag) is None]
         if missing:

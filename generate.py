@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from data import write_atomic
 from model import Llama
 
 
@@ -282,22 +282,8 @@ def append_rows(path, rows: list[dict]):
         os.fsync(f.fileno())
 
 
-def write_text_atomic(path, text: str):
-    """Write a temporary file, fsync it, rename it over path: path is always whole, the old or the new."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: merge_parts deletes the parts next
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def write_json_atomic(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def part_path(out_path, rank: int, world: int) -> Path:
@@ -328,7 +314,7 @@ def merge_parts(out_path):
             if row_id not in taken:
                 taken.add(row_id)
                 lines.append((row_id, line))
-    write_text_atomic(out_path, "".join(line + "\n" for _, line in lines))
+    write_atomic(out_path, "".join(line + "\n" for _, line in lines))
     for part in parts:
         part.unlink()
 

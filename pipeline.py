@@ -30,6 +30,8 @@ import uuid
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import data
+
 PAPER = {"q2a": 0.497, "q2ra": 0.584}  # accuracies the paper reports on the test split
 VALIDATION_ROWS = 500  # validation rows of stage 3 (the first of the split), for its loss and best/
 DEMO_MODEL_CONFIG = Path(__file__).with_name("demo") / "tiny_llama.json"
@@ -127,7 +129,7 @@ def run_eval(settings: dict, folder: Path, cfg: PipelineConfig):
 def run_compare(settings: dict, folder: Path, cfg: PipelineConfig):
     import eval as evaluation
     result = evaluation.compare(settings["a"], settings["b"])
-    (folder / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    data.write_atomic(folder / "compare.json", json.dumps(result, indent=2) + "\n")
 
 
 def default_device() -> str:
@@ -187,9 +189,7 @@ def read_marker(folder: Path) -> dict | None:
 
 
 def write_marker(folder: Path, marker: dict):
-    tmp = folder / "stage.json.tmp"
-    tmp.write_text(json.dumps(marker, indent=2) + "\n")
-    tmp.replace(folder / "stage.json")
+    data.write_atomic(folder / "stage.json", json.dumps(marker, indent=2) + "\n")
 
 
 def points(x: float) -> str:
@@ -216,8 +216,8 @@ def summarize(out: Path, cfg: PipelineConfig) -> dict:
     markdown = "\n".join(lines) + "\n"
     summary = dict(reports={t: {k: reports[t][k] for k in ("accuracy", "macro_f1", "unparsed_share")}
                             for t in reports}, compare=cmp, demo=cfg.demo, markdown=markdown)
-    (out / "summary.md").write_text(markdown)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    data.write_atomic(out / "summary.md", markdown)
+    data.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -252,7 +252,6 @@ def demo_reasoning(text: str, word: str, label: str) -> str:
 def write_demo_data(folder: Path, n_train: int, seed: int = 0) -> tuple[Path, Path]:
     """Generated stand-ins for dair-ai/emotion (its older data/{split}.jsonl.gz layout) and for
     syvai/reasoning-gen (question, answer, reasoning), written where the real loaders read them."""
-    import data
     rng = random.Random(seed)
     labels = list(data.LABELS)
     emotion = folder / "emotion"
@@ -283,7 +282,6 @@ def prepare_demo(cfg: PipelineConfig, out: Path) -> PipelineConfig:
     """Write the demo's data, tokenizer and tiny random model under OUT/demo_assets (once), and
     point the config at them. Everything after this runs the real code paths."""
     import torch
-    import data
     from model import Llama, LlamaConfig
     assets = out / "demo_assets"
     emotion, rgen = assets / "data" / "emotion", assets / "data" / "reasoning-gen"

@@ -426,18 +426,8 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints and files
 
-def write_atomic(path: Path, write):
-    """write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(path: Path, obj):
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    data.write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def rng_state() -> dict:
@@ -490,7 +480,7 @@ def truncate_metrics(path: Path, step: int):
                 kept.append(line + "\n")
         except json.JSONDecodeError:  # the line a kill cut short
             pass
-    write_atomic(path, lambda tmp: tmp.write_text("".join(kept)))
+    data.write_atomic(path, "".join(kept))
 
 
 def plot_losses(out: Path):
@@ -509,7 +499,7 @@ def plot_losses(out: Path):
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set(xlabel="optimizer step", ylabel="loss per target token", title=out.name)
     ax.legend()
-    write_atomic(out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    data.write_atomic(out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 @contextmanager
