@@ -34,14 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data import write_atomic
+from data import ANSWER_PREFIX, LABELS, write_atomic  # the q2ra target's last line is "Emotion: <label>"
 
-# Same names and order as data.LABELS (dair-ai id order); repeated here so that parsing,
-# metrics and --compare work without the model stack (tests check the two agree).
-LABELS = ("sadness", "joy", "love", "anger", "fear", "surprise")
-ANSWER_PREFIX = "Emotion:"  # data.ANSWER_PREFIX: the q2ra target's last line is "Emotion: <label>"
 UNPARSED = "unparsed"
-COLUMNS = LABELS + (UNPARSED,)  # confusion-matrix columns: every label, then "unparsed"
+COLUMNS = (*LABELS, UNPARSED)  # confusion-matrix columns: every label, then "unparsed"
 MAX_NEW_TOKENS = {"q2a": 8, "q2ra": 256}  # the default reply budget per task
 N_EXAMPLES = 3  # replies shown in report.md, for correct and for wrong predictions
 

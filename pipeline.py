@@ -132,11 +132,6 @@ def run_compare(settings: dict, folder: Path, cfg: PipelineConfig):
     data.write_atomic(folder / "compare.json", json.dumps(result, indent=2) + "\n")
 
 
-def default_device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # ----------------------------------------------------------------------------- the stage runner
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
@@ -144,7 +139,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.demo:
         cfg = prepare_demo(cfg, out)
-    cfg = replace(cfg, device=cfg.device or default_device())
     run_ids = {}
     for spec in stage_specs(cfg, out):
         name, folder = spec["name"], out / spec["name"]
