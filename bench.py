@@ -24,14 +24,14 @@ training torch's fused AdamW (its Trainer's default, adamw_torch_fused). The fig
              CPU: peak RSS (the kernel's high-water mark, reset after loading); GPU:
              torch.cuda.max_memory_allocated.
   prefill    tokens/s of one forward over B prompts of T tokens into an empty KV cache, logits of the
-             last position only (ours: generate.prefill, static cache; transformers:
+             last position only (ours: generate.prefill; transformers:
              forward(use_cache=True, logits_to_keep=1)).
   decode     new tokens/s after B prompts of T tokens, greedy: B * (N - 1) / (t(N) - t(1)), where t(n)
              is the wall time to generate n tokens, so prefill is not counted. Ours:
              generate.generate_ids; transformers: generate(do_sample=False, min_new_tokens=N,
              max_new_tokens=N). Both produce exactly N tokens per row.
-  stage2     rows/s of stage 2 on fixed emotion rows, batch by batch: ours generate.augment_batch
-             (prompts, batching, per-row stops, detokenisation); transformers: the same prompt ids
+  stage2     rows/s of stage 2 on fixed emotion rows: ours generate.augment_rows (prompts, continuous
+             batching, per-row stops, detokenisation); transformers, batch by batch: the same prompt ids
              (generate.rgen_prompt), left-padded, generate(do_sample=False, eos_token_id=the stop ids),
              the same detokenisation. Random weights rarely emit a stop id, so rows mostly run to
              --stage2-new-tokens; the JSON counts the tokens each side produced.
@@ -221,11 +221,11 @@ def interleaved(fns: dict, args) -> dict[str, list[float]]:
 
 def prefill_fns(ours, hf, ids, device) -> dict:
     B, T = ids.shape
-    mask = torch.ones_like(ids)
+    mask, prompts = torch.ones_like(ids), ids.tolist()
 
     @torch.inference_mode()
     def run_ours():
-        generate.prefill(ours, ids, mask, ours.new_cache(B, T))
+        generate.prefill(ours, prompts)
 
     @torch.inference_mode()
     def run_hf():
@@ -254,7 +254,8 @@ def decode_fns(ours, hf, ids, n_new: int, device) -> dict:
 
 
 def stage2_fns(ours, hf, tokenizer, args) -> tuple[dict, dict]:
-    """Rows as augment() meets them (sorted by text length, cut into batches), for both sides."""
+    """Rows as augment() meets them (sorted by text length): ours in one continuous batch of
+    --stage2-batch rows (generate.augment_rows), transformers' generate cut into batches."""
     rows = [{"id": i, "text": t, "label": data.LABELS[i % 6]} for i, t in enumerate(emotion_texts(args.stage2_rows))]
     rows.sort(key=lambda row: len(row["text"]))
     batches = [rows[i:i + args.stage2_batch] for i in range(0, len(rows), args.stage2_batch)]
@@ -263,7 +264,7 @@ def stage2_fns(ours, hf, tokenizer, args) -> tuple[dict, dict]:
     produced = {}
 
     def run_ours():
-        out = [r for batch in batches for r in generate.augment_batch(ours, tokenizer, batch, cfg)]
+        out = list(generate.augment_rows(ours, tokenizer, rows, cfg, args.stage2_batch))
         produced["ours"] = sum(r["n_tokens"] for r in out)
 
     @torch.inference_mode()

@@ -1,8 +1,8 @@
 """KV-cached batched generation for model.Llama, and stage 2 of the method: reasoning augmentation.
 
-Read top to bottom: sampling (config and small pure helpers), one batch (prefill once, then
-decode one token at a time from the static KV cache), many prompts (sorted by length into
-batches), chat conversations, stage 2 (resumable jsonl writing) and the command line.
+Read top to bottom: sampling (config and small pure helpers), prefill and the decode step,
+continuous batching over many prompts, chat conversations, stage 2 (resumable jsonl writing)
+and the command line.
 
     python generate.py --model DIR --prompt "How are you?"                 # streamed reply
     python generate.py --model DIR --task rgen --data SRC --split train --out aug.jsonl
@@ -14,9 +14,11 @@ aug.jsonl at the end. A rerun, on any number of ranks, first merges what an inte
 and skips every id already written; a row's tokens do not depend on its batch or rank, so the
 file is the one a single process writes (rows in another order).
 
-Batches are left-padded: every row's last prompt token sits in the same slot, so one decode
-step serves the whole batch, and model.py gives each row its own positions and attention mask,
-so a row gets the tokens it would get alone. Rows that finish are dropped from the batch.
+Continuous batching: up to --batch-size rows decode together, one token each per step. Each
+row owns its cache slots (slot = position, see model.KVCache) and its attention mask, so a row
+gets exactly the tokens it would get alone, and a row that finishes hands its place to the next
+waiting prompt at once: the batch stays full until the prompts run out, instead of waiting for
+its longest reply. New prompts are prefilled together (right-padded) and inserted into the cache.
 
 References: gpt-fast generate.py (static cache, prefill / decode_one_token split),
 Holtzman et al. 2020 (nucleus / top-p sampling), Hugging Face `generate` (the semantics
@@ -30,6 +32,7 @@ import os
 import sys
 import time
 import zlib
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +42,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import write_atomic
-from model import Llama
+from model import KVCache, Llama
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -98,11 +101,22 @@ def sample(logits: torch.Tensor, u: torch.Tensor | None, cfg: SamplingConfig) ->
     return tokens.gather(-1, choice).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------- one batch
+# ----------------------------------------------------------------------------- prefill and decode
 
-def prefill(model: Llama, ids, mask, cache) -> torch.Tensor:
-    """Run the left-padded prompts ids (B, T) once, filling the cache; last-position logits (B, V)."""
-    return model(ids, mask, cache=cache, last_only=True)[:, -1]
+def prefill(model: Llama, prompts: list[list[int]]) -> tuple[torch.Tensor, KVCache]:
+    """Run the prompts once, right-padded, into a new cache just long enough for them (to be
+    inserted into the decoding batch's cache); returns each row's next-token logits (B, V)
+    and the cache."""
+    device = model.embed_tokens.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(p)
+        mask[b, :len(p)] = 1
+    cache = model.new_cache(B, T)
+    logits = model(ids.to(device), mask.to(device), cache=cache, last_only=True)[:, -1]
+    return logits, cache
 
 
 def decode_one_token(model: Llama, tokens, cache) -> torch.Tensor:
@@ -111,83 +125,113 @@ def decode_one_token(model: Llama, tokens, cache) -> torch.Tensor:
 
 
 eager_decode_one_token = decode_one_token  # compile_decode always wraps this one, even when called twice
+static_cache = False                       # compile_decode: one cache shape for every step
 
 
-def compile_decode(backend="inductor"):
+def compile_decode(backend="inductor", mode=None):
     """Swap in a torch.compile'd decode step (worth it on GPU, where one token is many small
-    kernels). dynamic=True: the batch shrinks as rows finish and the cache grows every step,
-    and neither should recompile. backend="aot_eager" traces without generating code (tests)."""
-    global decode_one_token
-    decode_one_token = torch.compile(eager_decode_one_token, dynamic=True, backend=backend)
+    kernels). Caches become static (every step reads all slots, the batch keeps its size), so
+    every step has the same shapes: one compilation, and on CUDA the step can be replayed as a
+    CUDA graph (mode "reduce-overhead", the default there). backend="aot_eager" traces without
+    generating code."""
+    global decode_one_token, static_cache
+    if mode is None:
+        mode = "reduce-overhead" if torch.cuda.is_available() else "default"
+    compiled = torch.compile(eager_decode_one_token, backend=backend, mode=mode, dynamic=False)
 
+    def step(model, tokens, cache):
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer used
+        return compiled(model, tokens, cache)
+
+    decode_one_token, static_cache = step, True
+
+
+# ----------------------------------------------------------------------------- continuous batching
 
 @torch.inference_mode()
-def generate_batch(model: Llama, prompts: list[list[int]], stop_ids, cfg: SamplingConfig,
-                   keys=None, on_token=None) -> list[dict]:
-    """Generate for one batch of prompts: prefill once, then one token per step until every row
-    has produced a stop id or max_new_tokens. keys: one int per prompt naming its random stream
-    (default: its index). on_token(row, token) is called for every reply token as it comes."""
-    device = model.embed_tokens.weight.device
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for b, p in enumerate(prompts):                     # left padding: all prompts end in slot T-1
-        ids[b, T - len(p):] = torch.tensor(p)
-        mask[b, T - len(p):] = 1
-    u = None if cfg.greedy else row_uniforms(range(B) if keys is None else keys, cfg).to(device)
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
+def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: SamplingConfig,
+                    batch_size: int = 32, keys=None, on_token=None):
+    """Yield (index, result) for every prompt as it finishes, result = dict of ids (without the
+    stop id), n_tokens and hit_limit (max_new_tokens reached without a stop id).
 
-    cache = model.new_cache(B, T + cfg.max_new_tokens)
-    logits = prefill(model, ids.to(device), mask.to(device), cache)
-    rows = torch.arange(B)                              # which prompt each live batch row is
-    replies, hit_limit = [[] for _ in range(B)], [True] * B
-    for step in range(cfg.max_new_tokens):
-        tokens = sample(logits, None if u is None else u[:, step], cfg)          # (b,)
-        tokens_cpu = tokens.cpu()                       # the one host sync per step
-        stopped = torch.isin(tokens_cpu, stop)
-        for row, token, done in zip(rows.tolist(), tokens_cpu.tolist(), stopped.tolist()):
-            if done:
-                hit_limit[row] = False                  # the stop id itself is not part of the reply
-            else:
-                replies[row].append(token)
-                if on_token is not None:
-                    on_token(row, token)
-        if step + 1 == cfg.max_new_tokens or stopped.all():
-            break
-        if stopped.any():                               # drop finished rows: they stop costing compute
-            keep = (~stopped).nonzero().squeeze(1)
-            rows, keep = rows[keep], keep.to(device)
-            cache.select(keep)
-            tokens = tokens[keep]
-            u = None if u is None else u[keep]
-        logits = decode_one_token(model, tokens, cache)
-    return [{"ids": r, "n_tokens": len(r), "hit_limit": h} for r, h in zip(replies, hit_limit)]
-
-
-# ----------------------------------------------------------------------------- many prompts
-
-def generate_ids(model: Llama, prompts: list[list[int]], stop_ids, cfg: SamplingConfig,
-                 batch_size: int = 32, progress: bool = False, keys=None) -> list[dict]:
-    """Replies to token-id prompts, in input order: dicts of ids (without the stop id), n_tokens
-    (= len(ids)) and hit_limit (max_new_tokens reached without a stop id). Prompts run in
-    batches of similar length, so little compute goes to padding. keys: see generate_batch."""
+    Continuous batching: batch_size rows decode together, one token per step; a row that
+    finishes hands its place to the next waiting prompt (prefilled, then inserted into the
+    cache), so the batch stays full until the prompts run out; then finished rows are dropped.
+    Prompts enter shortest first. keys: one int per prompt naming its random stream (default:
+    its index). on_token(index, token) is called for every reply token as it comes."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty")
+    if not prompts:
+        return
+    device = model.embed_tokens.weight.device
     keys = list(range(len(prompts))) if keys is None else list(keys)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    waiting = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
+    max_len = max(len(p) for p in prompts) + cfg.max_new_tokens
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
+
+    def admit(n):
+        """Prefill the next n waiting prompts: their indices, logits, cache and random draws."""
+        new = [waiting.popleft() for _ in range(min(n, len(waiting)))]
+        logits, cache = prefill(model, [prompts[i] for i in new])
+        u = None if cfg.greedy else row_uniforms([keys[i] for i in new], cfg).to(device)
+        return new, logits, cache, u
+
+    first, logits, new_cache, u = admit(batch_size)
+    cache = model.new_cache(len(first), max_len, static=static_cache)
+    cache.insert(torch.arange(len(first), device=device), new_cache)
+    rows = first              # the prompt each batch row works on; None: idle (static cache, nothing waits)
+    replies = {i: [] for i in rows}
+    while any(i is not None for i in rows):
+        # One token for every row, each from its own random stream at its own step.
+        u_now = None if u is None else u.gather(1, torch.tensor(
+            [len(replies[i]) if i is not None else 0 for i in rows], device=device)[:, None]).squeeze(1)
+        tokens = sample(logits, u_now, cfg)
+        tokens_cpu = tokens.cpu()                       # the one host sync per step
+        finished = []
+        for b, (i, token, is_stop) in enumerate(zip(rows, tokens_cpu.tolist(), torch.isin(tokens_cpu, stop).tolist())):
+            if i is None:
+                continue
+            if not is_stop:                             # the stop id itself is not part of the reply
+                replies[i].append(token)
+                if on_token is not None:
+                    on_token(i, token)
+            if is_stop or len(replies[i]) == cfg.max_new_tokens:
+                ids = replies.pop(i)
+                finished.append(b)
+                rows[b] = None
+                yield i, {"ids": ids, "n_tokens": len(ids), "hit_limit": not is_stop}
+        if any(i is not None for i in rows):
+            logits = decode_one_token(model, tokens, cache)  # finished rows' logits are replaced or unused
+        if finished and waiting:                        # new prompts take the finished rows' places
+            new, new_logits, new_cache, new_u = admit(len(finished))
+            places = torch.tensor(finished[:len(new)], device=device)
+            cache.insert(places, new_cache)
+            logits = logits.index_copy(0, places, new_logits)
+            u = None if u is None else u.index_copy(0, places, new_u)
+            for b, i in zip(finished, new):
+                rows[b], replies[i] = i, []
+        if None in rows and not static_cache and any(i is not None for i in rows):
+            # Nothing waits: drop the idle rows, so that they stop costing compute.
+            keep = torch.tensor([b for b, i in enumerate(rows) if i is not None], device=device)
+            rows = [i for i in rows if i is not None]
+            cache.select(keep)
+            logits = logits[keep]
+            u = None if u is None else u[keep]
+
+
+def generate_ids(model: Llama, prompts: list[list[int]], stop_ids, cfg: SamplingConfig,
+                 batch_size: int = 32, progress: bool = False, keys=None) -> list[dict]:
+    """Replies to token-id prompts, in input order: generate_stream's results. keys: see there."""
     results = [None] * len(prompts)
     start, n_tokens = time.time(), 0
     bar = tqdm(total=len(prompts), unit="row", disable=not progress, desc="generate")
-    for lo in range(0, len(order), batch_size):
-        batch = order[lo:lo + batch_size]
-        out = generate_batch(model, [prompts[i] for i in batch], stop_ids, cfg, keys=[keys[i] for i in batch])
-        for i, r in zip(batch, out):
-            results[i] = r
-        n_tokens += sum(r["n_tokens"] for r in out)
-        bar.update(len(batch))
+    for i, r in generate_stream(model, prompts, stop_ids, cfg, batch_size, keys):
+        results[i] = r
+        n_tokens += r["n_tokens"]
+        bar.update(1)
         bar.set_postfix_str(f"{n_tokens / (time.time() - start):.0f} tok/s")
     bar.close()
     return results
@@ -205,7 +249,7 @@ def generate(model: Llama, tokenizer, conversations: list[list[dict]], cfg: Samp
 
 def stream_reply(model: Llama, tokenizer, messages: list[dict], cfg: SamplingConfig, out=None) -> dict:
     """Generate one reply, writing it to `out` (default stdout) as it is produced; returns
-    generate_batch's dict."""
+    generate_stream's result."""
     out = out or sys.stdout
     prompt = tokenizer.render(messages, add_generation_prompt=True)[0]
     ids, shown = [], ""
@@ -221,7 +265,7 @@ def stream_reply(model: Llama, tokenizer, messages: list[dict], cfg: SamplingCon
             out.flush()
             shown = text
 
-    result = generate_batch(model, [prompt], tokenizer.stop_ids, cfg, on_token=show)[0]
+    [(_, result)] = generate_stream(model, [prompt], tokenizer.stop_ids, cfg, on_token=show)
     out.write(tokenizer.decode(result["ids"])[len(shown):] + "\n")
     out.flush()
     return result
@@ -236,15 +280,16 @@ def rgen_prompt(tokenizer, row: dict) -> list[int]:
     return tokenizer.render(messages, add_generation_prompt=True)[0]
 
 
-def augment_batch(model: Llama, tokenizer, rows: list[dict], cfg: SamplingConfig) -> list[dict]:
-    """Output rows (id, text, label, reasoning, n_tokens, hit_limit) for one batch of emotion rows."""
+def augment_rows(model: Llama, tokenizer, rows: list[dict], cfg: SamplingConfig, batch_size: int = 32):
+    """Yield an output row (id, text, label, reasoning, n_tokens, hit_limit) for every emotion
+    row, as each finishes (continuous batching: see generate_stream)."""
     prompts = [rgen_prompt(tokenizer, row) for row in rows]
     # Random streams keyed by row id: a resumed or sharded run samples what a whole run would.
     keys = [zlib.crc32(str(row["id"]).encode()) for row in rows]
-    results = generate_ids(model, prompts, tokenizer.stop_ids, cfg, batch_size=len(rows), keys=keys)
-    return [{"id": row["id"], "text": row["text"], "label": row["label"],
-             "reasoning": tokenizer.decode(r["ids"]).strip(), "n_tokens": r["n_tokens"], "hit_limit": r["hit_limit"]}
-            for row, r in zip(rows, results)]
+    for i, r in generate_stream(model, prompts, tokenizer.stop_ids, cfg, batch_size, keys):
+        row = rows[i]
+        yield {"id": row["id"], "text": row["text"], "label": row["label"],
+               "reasoning": tokenizer.decode(r["ids"]).strip(), "n_tokens": r["n_tokens"], "hit_limit": r["hit_limit"]}
 
 
 def complete_lines(path) -> list[tuple[object, str]]:
@@ -409,15 +454,28 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
             compile_decode()
     bar = tqdm(total=len(mine), unit="row", desc="augment" if world == 1 else f"augment (rank 0 of {world})",
                disable=rank > 0)  # under torchrun, rank 0's share stands for the progress of all
-    for lo in range(0, len(mine), batch_size):
-        written = augment_batch(model, tokenizer, mine[lo:lo + batch_size], cfg)
-        append_rows(part, written)
-        summary["rows"] += len(written)
-        summary["tokens"] += sum(r["n_tokens"] for r in written)
-        summary["hit_limit"] += sum(r["hit_limit"] for r in written)
-        summary["empty"] += sum(not r["reasoning"] for r in written)
-        bar.update(len(written))
+    finished = []
+
+    def flush():
+        append_rows(part, finished)
+        summary["rows"] += len(finished)
+        summary["tokens"] += sum(r["n_tokens"] for r in finished)
+        summary["hit_limit"] += sum(r["hit_limit"] for r in finished)
+        summary["empty"] += sum(not r["reasoning"] for r in finished)
+        bar.update(len(finished))
         bar.set_postfix_str(f"{summary['tokens'] / (time.time() - start):.0f} tok/s")
+        finished.clear()
+
+    try:
+        # Rows are written batch_size at a time (one fsync each); an interruption flushes what is
+        # finished, and a kill loses at most the rows in flight and those not yet written.
+        for row in augment_rows(model, tokenizer, mine, cfg, batch_size) if mine else ():
+            finished.append(row)
+            if len(finished) >= batch_size:
+                flush()
+    finally:
+        if finished:
+            flush()
     bar.close()
     if world > 1:
         counts = ("rows", "tokens", "hit_limit", "empty")

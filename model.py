@@ -213,18 +213,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, start=0):
+    def forward(self, x, cos, sin, mask, kv_cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            # Write this step's keys/values into their slots, then attend over every filled slot.
-            cache_k, cache_v = kv_cache
-            cache_k[:, :, start:start + T] = k
-            cache_v[:, :, start:start + T] = v
-            k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]            # (B, nkv, S, hd)
+            # Write this step's keys/values into each row's own slots (slot = position), then
+            # attend over the first n_keys slots; the mask hides what a row has not filled.
+            cache_k, cache_v, slots, n_keys = kv_cache                                 # slots: (B, T)
+            rows = torch.arange(B, device=x.device)[:, None]
+            cache_k[rows, :, slots] = k.transpose(1, 2)                                # (B, T, nkv, hd)
+            cache_v[rows, :, slots] = v.transpose(1, 2)
+            k, v = cache_k[:, :, :n_keys], cache_v[:, :, :n_keys]                      # (B, nkv, S, hd)
         if mask is None:  # no padding, nothing cached before these tokens: plain causal attention (fast kernels)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:             # mask: (B, 1, T, S) bool, True = may attend
@@ -256,9 +258,49 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, start)
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------- positions and masks
+
+def padded_positions_and_mask(real):
+    """Positions (B, T) and attention mask (B, 1, T, T) of a batch without a cache whose real
+    tokens are marked by `real` (B, T), with padding on either side; the mask is None where
+    plain causal attention is exact (no padding)."""
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)                  # left padding: -1 -> 0
+    if bool(real.all()):
+        return positions, None
+    T = real.shape[1]
+    slot = torch.arange(T, device=real.device)
+    causal = slot[None, :] <= slot[:, None]                                # (T, T)
+    # Each token also sees itself, so a padding row never has zero visible keys
+    # (that would give NaN); what padding rows compute is never used.
+    mask = (causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=real.device)
+    return positions, mask[:, None]
+
+
+def cached_positions_and_mask(cache: "KVCache", T: int):
+    """Positions (B, T) of T new tokens after each row's cached ones, the mask (B, 1, T, S)
+    over the first S = n_keys cache slots (None where plain causal attention is exact), and
+    n_keys. Slot = position, so a token sees exactly the slots up to its own position."""
+    positions = cache.lengths[:, None] + torch.arange(T, device=cache.lengths.device)   # (B, T)
+    if cache.static:  # one shape for every step (torch.compile, CUDA graphs): all slots, masked
+        n_keys = cache.max_len
+    else:             # only the slots some row has filled
+        n_keys = min(cache.max_len, cache.filled + T)
+        if cache.filled == 0:  # an empty cache: plain causal attention over the new tokens
+            return positions, None, n_keys
+    slot = torch.arange(n_keys, device=positions.device)
+    return positions, (slot <= positions[:, :, None])[:, None], n_keys
+
+
+def last_real(h, attention_mask):
+    """h (B, T, d) -> (B, 1, d) at each row's last real token, for padding on either side."""
+    T = attention_mask.shape[1]
+    last = (attention_mask.long() * torch.arange(1, T + 1, device=h.device)).argmax(1)   # (B,)
+    return h[torch.arange(h.shape[0], device=h.device), last][:, None]
 
 
 # ----------------------------------------------------------------------------- the model
@@ -286,75 +328,51 @@ class Llama(nn.Module):
         return sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
 
     def forward(self, input_ids, attention_mask=None, cache: "KVCache | None" = None, last_only=False):
-        """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with last_only."""
+        """input_ids (B, T) -> logits (B, T, vocab), or with last_only (B, 1, vocab): the logits
+        of each row's last real token."""
         h = self.hidden_states(input_ids, attention_mask, cache)
         if last_only:
-            h = h[:, -1:]
+            h = h[:, -1:] if attention_mask is None else last_real(h, attention_mask)
         return self.lm_head(h)                                           # (B, T, vocab)
 
     def hidden_states(self, input_ids, attention_mask=None, cache: "KVCache | None" = None):
         """input_ids (B, T) -> final normalised hidden states (B, T, d), before the output head.
         Training uses this to project only the positions that carry a loss onto the vocabulary.
 
-        attention_mask (B, T): 1 for real tokens, 0 for padding, left or right. Positions
-        count real tokens only (cumsum(mask) - 1), so a left-padded row gets the same
-        positions it would get alone. With a cache, the tokens continue the cached rows.
-        Right-padded batches without a cache may pass no mask: padding then follows every
-        real token, plain causal attention is exact for the real tokens, and fast kernels run.
+        attention_mask (B, T): 1 for real tokens, 0 for padding. Without a cache, padding may be
+        on the left or the right: positions count real tokens only (cumsum(mask) - 1), so a
+        padded row gets the positions it would get alone. Right-padded batches may pass no mask:
+        padding then follows every real token, plain causal attention is exact for the real
+        tokens, and fast kernels run. With a cache, the tokens continue each row where it
+        stopped, and padding must be on the right (the row's next tokens overwrite its slots).
         """
         B, T = input_ids.shape
-        if cache is None and attention_mask is None:
+        kv = [None] * len(self.layers)
+        if cache is not None:
+            positions, mask, n_keys = cached_positions_and_mask(cache, T)
+            slots = positions.clamp(max=cache.max_len - 1)  # clamps only rows past their end, never read
+            kv = [(cache.k[i], cache.v[i], slots, n_keys) for i in range(len(self.layers))]
+        elif attention_mask is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
             mask = None
         else:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            positions, mask = self._positions_and_mask(attention_mask.bool(), cache)
+            positions, mask = padded_positions_and_mask(attention_mask.bool())
         cos, sin = self.rotary(positions)
 
-        start = cache.length if cache is not None else 0
         x = self.embed_tokens(input_ids)                                # (B, T, d)
-        for i, layer in enumerate(self.layers):
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+        for layer, layer_kv in zip(self.layers, kv):
             if self.gradient_checkpointing and self.training:
                 # Recompute the block in the backward pass instead of storing its activations.
-                x = checkpoint(layer, x, cos, sin, mask, kv, start, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, layer_kv, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv, start)
+                x = layer(x, cos, sin, mask, layer_kv)
         if cache is not None:
-            cache.length += T
+            cache.advance(T, attention_mask)
         return self.norm(x)
 
-    def _positions_and_mask(self, real, cache):
-        """Per-row positions (B, T) and the attention mask (B, 1, T, S) for tokens whose
-        padding pattern is `real` (B, T), continuing `cache` if given; the mask is None
-        where plain causal attention is exact."""
-        B, T = real.shape
-        start = cache.length if cache is not None else 0
-        positions = real.long().cumsum(1) - 1                                  # (B, T)
-        if cache is not None:
-            positions = positions + cache.next_pos[:, None]
-            cache.next_pos += real.sum(1)
-            cache.key_mask[:, start:start + T] = real
-            key_real = cache.key_mask[:, :start + T]                           # (B, S)
-        else:
-            key_real = real
-        positions = positions.clamp(min=0)                                     # left padding: -1 -> 0
-        if start == 0 and bool(real.all()):
-            # An empty cache and no padding (a single prompt, or prompts of one length): plain
-            # causal attention is exact, and SDPA's causal kernels skip the masked half.
-            return positions, None
-        q_slot = torch.arange(start, start + T, device=real.device)[:, None]   # (T, 1)
-        k_slot = torch.arange(start + T, device=real.device)[None, :]          # (1, S)
-        causal = k_slot <= q_slot                                              # (T, S)
-        # Each token also sees itself, so a padding row never has zero visible keys
-        # (that would give NaN); what padding rows compute is never used.
-        mask = (causal & key_real[:, None, :]) | (k_slot == q_slot)            # (B, T, S)
-        return positions, mask[:, None]
-
-    def new_cache(self, batch_size: int, max_len: int) -> "KVCache":
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False) -> "KVCache":
         p = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, p.dtype, p.device)
+        return KVCache(self.config, batch_size, max_len, p.dtype, p.device, static)
 
     # ------------------------------------------------------------------------- checkpoints
 
@@ -418,25 +436,47 @@ class Llama(nn.Module):
 class KVCache:
     """Static, preallocated keys and values for every layer, for batched generation.
 
-    Slots are shared by all rows (row b's token t lives in slot t of every layer), so a
-    left-padded batch is one rectangle; `key_mask` marks which slots hold real tokens and
-    `next_pos` counts each row's real tokens, which is that row's next RoPE position.
+    Each row fills its own slots from 0: slot = position, so a row's cache never depends on
+    the other rows, and a row can be replaced by a new prompt while the others go on
+    (`insert`, continuous batching). `lengths` counts each row's cached tokens: its next
+    position and next slot. `filled` is a host-side bound on max(lengths), so attention
+    reads only the slots in use without asking the device. `static` caches are read whole
+    every step instead: one shape for torch.compile and CUDA graphs.
     Only the n_kv_heads key/value heads are stored (GQA saves memory here, not only flops).
     """
 
-    def __init__(self, config: LlamaConfig, batch_size, max_len, dtype, device):
+    def __init__(self, config: LlamaConfig, batch_size, max_len, dtype, device, static=False):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)       # (L, B, nkv, max_len, hd)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.length = 0                                                # slots filled so far
-        self.max_len = max_len
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.filled = 0
+        self.max_len, self.static = max_len, static
+        if static:  # updated in place only: CUDA graphs may read them at fixed addresses
+            for t in (self.k, self.v, self.lengths):
+                torch._dynamo.mark_static_address(t)
+
+    def advance(self, T: int, attention_mask=None):
+        """Count T new tokens per row (only the real ones, when right-padded)."""
+        self.lengths += T if attention_mask is None else attention_mask.sum(1)
+        if not self.static:  # a static cache has no host-side state: nothing changes between steps
+            self.filled = min(self.max_len, self.filled + T)
+
+    def insert(self, rows: torch.Tensor, other: "KVCache"):
+        """Replace these rows by the rows of `other` (e.g. new prompts, prefilled, in the
+        places of finished rows). One host sync, to learn the new `filled`."""
+        n = other.filled
+        self.k[:, rows, :, :n] = other.k[:, :, :, :n]
+        self.v[:, rows, :, :n] = other.v[:, :, :, :n]
+        self.lengths[rows] = other.lengths
+        if not self.static:
+            self.filled = int(self.lengths.max())
 
     def select(self, rows: torch.Tensor):
         """Keep only these batch rows (e.g. drop finished ones so they stop costing compute)."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
-        self.key_mask, self.next_pos = self.key_mask[rows], self.next_pos[rows]
+        self.k, self.v, self.lengths = self.k[:, rows], self.v[:, rows], self.lengths[rows]
+        if not self.static:
+            self.filled = int(self.lengths.max()) if len(self.lengths) else 0
 
 
 # ----------------------------------------------------------------------------- checkpoint files

@@ -69,7 +69,7 @@ def test_greedy_with_cache_equals_recomputation():
 
 @pytest.mark.parametrize("cfg", [GREEDY, SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=30,
                                                         top_p=0.95, seed=7)], ids=["greedy", "sampled"])
-def test_left_padded_batch_equals_each_prompt_alone(cfg):
+def test_batched_rows_equal_each_prompt_alone(cfg):
     model = tiny_model()
     prompts = prompts_of([3, 11, 6, 15, 1, 8])
     stop = set(range(8))                               # rows stop at different steps: rows get dropped
@@ -79,6 +79,23 @@ def test_left_padded_batch_equals_each_prompt_alone(cfg):
     assert len({r["n_tokens"] for r in batched}) > 2  # the rows did end at different steps
     reordered = generate_ids(model, prompts[::-1], stop, cfg, batch_size=4, keys=range(5, -1, -1))
     assert replies(reordered) == replies(batched)[::-1]
+
+
+def test_finished_rows_hand_their_place_to_waiting_prompts(monkeypatch):
+    """Continuous batching: 2 rows at a time through 7 prompts, each new prompt prefilled and
+    inserted where a row finished; every reply is the one its prompt gets alone."""
+    import generate
+    model = tiny_model()
+    prompts = prompts_of([3, 11, 6, 15, 1, 8, 4])
+    stop = set(range(8))
+    alone = [generate_ids(model, [p], stop, GREEDY)[0] for p in prompts]
+    admitted = []
+    real_prefill = generate.prefill
+    monkeypatch.setattr(generate, "prefill", lambda m, ps: admitted.append(len(ps)) or real_prefill(m, ps))
+    finish_order = [i for i, _ in generate.generate_stream(model, prompts, stop, GREEDY, batch_size=2)]
+    assert admitted[0] == 2 and sum(admitted) == 7 and len(admitted) > 3   # refilled as rows finished
+    assert sorted(finish_order) == list(range(7))
+    assert replies(generate_ids(model, prompts, stop, GREEDY, batch_size=2)) == replies(alone)
 
 
 def test_greedy_equals_transformers_generate(tmp_path):
@@ -166,16 +183,22 @@ def test_sample_follows_the_distribution_and_truncates():
     assert (cold == 1).float().mean() > 0.99
 
 
-def test_compiled_decode_step_gives_the_same_tokens(monkeypatch):
-    """Traced by dynamo with the aot_eager backend: the graph capture, cache mutation and dynamic
-    shapes are exercised; inductor's code generation (20+ s on CPU) is left to GPU runs."""
+def test_compiled_decode_step_gives_the_same_tokens_from_one_graph(monkeypatch):
+    """torch.compile with inductor (on CPU: generated C++) over a static cache: the same replies,
+    through refills and idle rows at the end, from one graph that never recompiles (what lets
+    CUDA replay each step as one graph)."""
     import generate
     model = tiny_model()
-    prompts = prompts_of([3, 11, 6, 15])
-    expected = generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=4)
-    monkeypatch.setattr(generate, "decode_one_token", generate.decode_one_token)  # undone afterwards
-    generate.compile_decode(backend="aot_eager")
-    assert generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=4) == expected
+    prompts = prompts_of([3, 11, 6, 15, 1, 8, 4])
+    expected = generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=3)
+    for name in ("decode_one_token", "static_cache"):
+        monkeypatch.setattr(generate, name, getattr(generate, name))  # undone afterwards
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    generate.compile_decode()
+    assert generate.static_cache
+    assert generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=3) == expected
+    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- stage-2 file handling

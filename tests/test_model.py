@@ -149,36 +149,60 @@ def test_from_pretrained_dtype_and_config_fields(tmp_path):
     assert model.config.eos_token_id == [2, 3] and model.config.rope_scaling["factor"] == 32.0
 
 
-@pytest.mark.parametrize("left_pad", [0, 5])
-def test_kv_cache_prefill_and_decode_equal_full_forward(tmp_path, left_pad):
+def right_padded(seqs, T):
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)], mask[b, :len(s)] = s, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["filled-slots", "static"])
+@pytest.mark.parametrize("lengths", [[10], [10, 5, 8]], ids=["one", "right-padded"])
+def test_kv_cache_prefill_and_decode_equal_full_forward(tmp_path, lengths, static):
+    """Prompts of different lengths prefilled together, then one token per row per step: every
+    row's logits equal a forward over that row alone, whether attention reads the filled slots
+    or the whole static cache."""
     _, ours = make_pair(tmp_path)
-    B, T, steps = (1, 10, 6) if left_pad == 0 else (3, 10, 6)
-    ids = torch.randint(0, 101, (B, T + steps))
-    mask = torch.ones(B, T + steps, dtype=torch.long)
-    mask[0, :left_pad] = 0
+    B, T, steps = len(lengths), max(lengths), 6
+    seqs = [torch.randint(0, 101, (n + steps,)) for n in lengths]
+    ids, mask = right_padded([s[:n] for s, n in zip(seqs, lengths)], T)
     with torch.no_grad():
-        full = ours(ids, mask)
-        cache = ours.new_cache(B, T + steps)
-        prefill = ours(ids[:, :T], mask[:, :T], cache=cache)
-        torch.testing.assert_close(prefill[mask[:, :T].bool()], full[:, :T][mask[:, :T].bool()], **TOL)
-        last = ours(ids[:, :T], mask[:, :T], cache=ours.new_cache(B, T), last_only=True)
-        torch.testing.assert_close(last[:, 0], full[:, T - 1], **TOL)
-        for t in range(T, T + steps):
-            step = ours(ids[:, t:t + 1], cache=cache)
-            torch.testing.assert_close(step[:, 0], full[:, t], **TOL)
+        alone = [ours(s[None])[0] for s in seqs]
+        cache = ours.new_cache(B, T + steps, static=static)
+        prefill = ours(ids, mask, cache=cache)
+        last = ours(ids, mask, cache=ours.new_cache(B, T), last_only=True)
+        for b, n in enumerate(lengths):
+            torch.testing.assert_close(prefill[b, :n], alone[b][:n], **TOL)
+            torch.testing.assert_close(last[b, 0], alone[b][n - 1], **TOL)
+        for t in range(steps):
+            step = ours(torch.stack([s[n + t] for s, n in zip(seqs, lengths)])[:, None], cache=cache)
+            for b, n in enumerate(lengths):
+                torch.testing.assert_close(step[b, 0], alone[b][n + t], **TOL)
+    assert cache.lengths.tolist() == [n + steps for n in lengths]
 
 
-def test_kv_cache_select_keeps_rows(tmp_path):
+def test_kv_cache_select_and_insert_keep_rows(tmp_path):
+    """Dropping rows, and putting a newly prefilled prompt in a row's place, leave every other
+    row's logits as they were: what continuous batching relies on."""
     _, ours = make_pair(tmp_path)
     ids = torch.randint(0, 101, (3, 8))
+    newcomer = torch.randint(0, 101, (1, 7))
     with torch.no_grad():
-        full = ours(ids)
+        full, new_full = ours(ids), ours(newcomer)[0]
         cache = ours.new_cache(3, 8)
-        ours(ids[:, :6], cache=cache)
+        ours(ids[:, :5], cache=cache)
         cache.select(torch.tensor([0, 2]))
-        ours(ids[[0, 2], 6:7], cache=cache)
-        step = ours(ids[[0, 2], 7:8], cache=cache)
-    torch.testing.assert_close(step[:, 0], full[[0, 2], 7], **TOL)
+        step = ours(ids[[0, 2], 5:6], cache=cache)
+        torch.testing.assert_close(step[:, 0], full[[0, 2], 5], **TOL)
+        small = ours.new_cache(1, 5)
+        ours(newcomer[:, :5], cache=small)
+        cache.insert(torch.tensor([0]), small)          # the newcomer takes row 0's place
+        assert cache.lengths.tolist() == [5, 6] and cache.filled == 6
+        for t in range(2):
+            step = ours(torch.stack([newcomer[0, 5 + t], ids[2, 6 + t]])[:, None], cache=cache)
+            torch.testing.assert_close(step[0, 0], new_full[5 + t], **TOL)
+            torch.testing.assert_close(step[1, 0], full[2, 6 + t], **TOL)
 
 
 def test_gradient_checkpointing_gives_same_gradients(tmp_path):
