@@ -30,13 +30,20 @@ training torch's fused AdamW (its Trainer's default, adamw_torch_fused). The fig
              is the wall time to generate n tokens, so prefill is not counted. Ours:
              generate.generate_ids; transformers: generate(do_sample=False, min_new_tokens=N,
              max_new_tokens=N). Both produce exactly N tokens per row.
+  decode_compiled  batch-1 decode as above, ours with generate.compile_decode (torch.compile of the
+             decode step over a static cache: inductor; on CUDA replayed as a CUDA graph), beside
+             transformers' default generate (on this CPU, its static cache with a compiled forward
+             measured no faster than its default).
   stage2     rows/s of stage 2 on fixed emotion rows: ours generate.augment_rows (prompts, continuous
              batching, per-row stops, detokenisation); transformers, batch by batch: the same prompt ids
              (generate.rgen_prompt), left-padded, generate(do_sample=False, eos_token_id=the stop ids),
-             the same detokenisation. Random weights rarely emit a stop id, so rows mostly run to
-             --stage2-new-tokens; the JSON counts the tokens each side produced.
+             the same detokenisation. Random weights never emit a stop id, so both sides also stop at
+             the tokens a free run emits most often, enough of them that replies end at varied
+             lengths (median under half of --stage2-new-tokens, as with real reasoning); the JSON
+             counts the tokens each side produced.
   train_mfu  (cuda) train tokens/s x 6N / --peak-flops, N = non-embedding parameters + the output head.
-  decode_bw  (cuda) batch-1 decode tokens/s x bytes of those N weights / --peak-bandwidth.
+  decode_bw  (cuda) batch-1 decode tokens/s x bytes of those N weights / --peak-bandwidth (also for
+             decode_compiled).
 
 The table's footer also quotes a measured batch-1 decode limit: one vector times every weight
 matrix that a decode step reads, timed in turn with the batch-1 decode runs. Batch-1 decode reads
@@ -45,6 +52,9 @@ every weight once per token, so no implementation does much better; the gap to i
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import copy
 import json
 import os
 import platform
@@ -136,7 +146,12 @@ def prepare(args, folder: Path) -> tuple[Path, data.Tokenizer]:
     tokenizer = data.Tokenizer.from_dir(small_tokenizer(folder / "tok", config.vocab_size))
     config.bos_token_id, config.eos_token_id = tokenizer.bos_id, sorted(tokenizer.stop_ids)
     torch.manual_seed(args.seed)
-    Llama(config).save_pretrained(folder / "model", tokenizer_dir=folder / "tok")
+    model = Llama(config)
+    with torch.no_grad():  # std 0.05, not 0.02: the replies then vary from token to token as real ones
+        for name, p in model.named_parameters():  # do (not one token repeated), so stop ids can end them
+            if p.dim() == 2 and not name.startswith("embed_tokens"):
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(folder / "model", tokenizer_dir=folder / "tok")
     return folder / "model", data.Tokenizer.from_dir(folder / "model")
 
 
@@ -253,6 +268,26 @@ def decode_fns(ours, hf, ids, n_new: int, device) -> dict:
     return {"ours": decode_rate(run_ours), "transformers": decode_rate(run_hf)}
 
 
+def varied_stops(model, prompts, stop_ids, cfg) -> set[int]:
+    """Stop ids that end replies at varied lengths, as real reasoning does: random weights never
+    emit a stop id, so every reply would run to max_new_tokens and batching strategies could not
+    differ. The tokens a free greedy run emits most often are added to stop_ids, skipping any
+    that would end most replies within a quarter of max_new_tokens (a first token that every
+    prompt shares, say), until the median reply ends before half of max_new_tokens."""
+    free = [r["ids"] for r in generate.generate_ids(model, prompts, set(), cfg, batch_size=len(prompts))]
+
+    def median_length(stops):
+        return statistics.median(next((k for k, t in enumerate(ids) if t in stops), len(ids)) for ids in free)
+
+    stops, n = set(stop_ids), cfg.max_new_tokens
+    for token, _ in collections.Counter(t for ids in free for t in ids).most_common():
+        if median_length(stops) < n / 2:
+            break
+        if median_length(stops | {token}) >= n / 4:
+            stops.add(token)
+    return stops
+
+
 def stage2_fns(ours, hf, tokenizer, args) -> tuple[dict, dict]:
     """Rows as augment() meets them (sorted by text length): ours in one continuous batch of
     --stage2-batch rows (generate.augment_rows), transformers' generate cut into batches."""
@@ -260,6 +295,8 @@ def stage2_fns(ours, hf, tokenizer, args) -> tuple[dict, dict]:
     rows.sort(key=lambda row: len(row["text"]))
     batches = [rows[i:i + args.stage2_batch] for i in range(0, len(rows), args.stage2_batch)]
     cfg = generate.SamplingConfig(max_new_tokens=args.stage2_new_tokens)
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.stop_ids = varied_stops(ours, [generate.rgen_prompt(tokenizer, row) for row in rows], tokenizer.stop_ids, cfg)
     stop = sorted(tokenizer.stop_ids)
     produced = {}
 
@@ -486,6 +523,17 @@ def cpu_seconds() -> tuple[float, float]:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own
 
 
+@contextlib.contextmanager
+def compiled_decode():
+    """generate.compile_decode() for the duration (its first steps, timed in the warm-up, compile)."""
+    saved = generate.decode_one_token, generate.static_cache
+    generate.compile_decode()
+    try:
+        yield
+    finally:
+        generate.decode_one_token, generate.static_cache = saved
+
+
 class Bench:
     """The measurements of one run; a (figure, batch, seq, ckpt) point is measured once and may be
     quoted in both sections (a headline point that is also a grid point)."""
@@ -510,21 +558,26 @@ class Bench:
                                                               self.args), batch=B, seq=T)]
         self.quote(section, ("prefill", B, T), measure)
 
-    def decode(self, section, B, T):
+    def decode(self, section, B, T, compiled=False):
+        """Decode figures; compiled: ours with generate.compile_decode (static cache, inductor;
+        CUDA graphs on GPU) beside transformers' default generate."""
+        name = "decode_compiled" if compiled else "decode"
+
         def measure():
             ids = random_ids(B, T, self.ours.config.vocab_size, self.args.seed + 3).to(self.device)
             fns = decode_fns(self.ours, self.hf, ids, self.args.new_tokens, self.device)
             if B == 1:
                 fns["limit"] = weight_read_fn(self.ours, self.device)
-            reps = interleaved(fns, self.args)
-            found = [figure("decode", "tokens/s", reps, batch=B, seq=T)]
+            with compiled_decode() if compiled else contextlib.nullcontext():
+                reps = interleaved(fns, self.args)
+            found = [figure(name, "tokens/s", reps, batch=B, seq=T)]
             if B == 1:
                 found[0]["limit"] = statistics.median(reps["limit"])
             if B == 1 and self.device.startswith("cuda"):
                 share = 100 * self.n_flop * self.dtype.itemsize / self.args.peak_bandwidth
-                found.append(scaled(found[0], "decode_bw", "% of bandwidth limit", share))
+                found.append(scaled(found[0], name + "_bw", "% of bandwidth limit", share))
             return found
-        self.quote(section, ("decode", B, T), measure)
+        self.quote(section, (name, B, T), measure)
 
     def stage2(self, section):
         def measure():
@@ -571,6 +624,7 @@ def run(args) -> dict:
         b.prefill("headline", args.batch, args.seq)
         b.decode("headline", 1, args.prompt_len)
         b.decode("headline", 32, args.prompt_len)
+        b.decode("headline", 1, args.prompt_len, compiled=True)
         b.stage2("headline")
         for B, T in points:
             say(f"grid: prefill and decode at batch {B}, seq {T}")
@@ -598,7 +652,8 @@ def run(args) -> dict:
     meta["seconds"] = round(time.perf_counter() - START, 1)
     (busy0, own0), (busy1, own1) = busy_at_start, cpu_seconds()
     meta["machine"]["other_jobs_cores"] = max(0.0, (busy1 - busy0) - (own1 - own0)) / meta["seconds"]
-    order = ["train", "train_mem", "train_mfu", "prefill", "decode", "decode_bw", "stage2"]
+    order = ["train", "train_mem", "train_mfu", "prefill", "decode", "decode_bw", "decode_compiled",
+             "decode_compiled_bw", "stage2"]
     figures = sorted(b.figures, key=lambda f: (f["section"] != "headline", order.index(f["figure"]),
                                                f["batch"], f.get("seq", 0), f.get("ckpt", False)))
     return {"meta": meta, "figures": figures, "targets": targets(figures)}
@@ -613,6 +668,7 @@ def targets(figures) -> list[dict]:
     goals = [("training tokens/s", headline("train", ckpt=False), 1.0),
              ("training tokens/s, checkpointing", headline("train", ckpt=True), 1.0),
              ("batch-1 decode tokens/s", headline("decode", batch=1), 1.5),
+             ("batch-1 decode tokens/s, ours with --compile", headline("decode_compiled", batch=1), 1.5),
              ("batch-32 decode tokens/s", headline("decode", batch=32), 1.0)]
     return [{"target": name, "ratio": f["ratio"], "goal": goal, "met": f["ratio"] >= goal} for name, f, goal in goals]
 
@@ -639,20 +695,21 @@ def table(result: dict) -> str:
         f"{meta['new_tokens']} new tokens after a prompt of seq tokens; "
         f"{meta['seconds']:.0f} s in all",
         "",
-        f"{'section':<8} {'figure':<9} {'batch':>5} {'seq':>5} {'ckpt':>4} {'ours':>9} {'transformers':>12} "
+        f"{'section':<8} {'figure':<15} {'batch':>5} {'seq':>5} {'ckpt':>4} {'ours':>9} {'transformers':>12} "
         f"{'ours/tf':>7} {'noise':>5}  unit",
     ]
     for f in result["figures"]:
         ckpt = {True: "on", False: "off"}.get(f.get("ckpt"), "")
         unit = f["unit"] + (f" ({f['rows']} rows, {f['new_tokens']} new tokens)" if f["figure"] == "stage2" else "")
-        lines.append(f"{f['section']:<8} {f['figure']:<9} {f['batch']:>5} {f.get('seq', '-'):>5} {ckpt:>4} "
+        lines.append(f"{f['section']:<8} {f['figure']:<15} {f['batch']:>5} {f.get('seq', '-'):>5} {ckpt:>4} "
                      f"{fmt(f['ours']):>9} {fmt(f['transformers']):>12} {f['ratio']:>6.2f}x "
                      f"{'' if len(f['reps']['ours']) < 2 else format(f['noise'], '.0%'):>5}  {unit}"
                      + ("" if f["better"] == "higher" else ", lower is better"))
-    b1 = next(f for f in result["figures"] if f["figure"] == "decode" and f["batch"] == 1)
+    b1, c1 = (next(f for f in result["figures"] if f["figure"] == name and f["batch"] == 1)
+              for name in ("decode", "decode_compiled"))
     lines += ["", f"batch-1 decode limit here, measured in turn with it (one vector times every weight a step "
-                  f"reads): {fmt(b1['limit'])} tokens/s; ours at {b1['ours'] / b1['limit']:.0%} of it, transformers "
-                  f"at {b1['transformers'] / b1['limit']:.0%}"]
+                  f"reads): {fmt(b1['limit'])} tokens/s; ours at {b1['ours'] / b1['limit']:.0%} of it "
+                  f"(compiled: {c1['ours'] / c1['limit']:.0%}), transformers at {b1['transformers'] / b1['limit']:.0%}"]
     for t in result["targets"]:
         lines.append(f"target {t['target']} >= {t['goal']}x transformers: {t['ratio']:.2f}x, "
                      f"{'met' if t['met'] else 'NOT met'}")

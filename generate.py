@@ -511,7 +511,7 @@ def main(argv=None):
     p.add_argument("--data", help="stage 2: emotion source (folder, file or hub id)")
     p.add_argument("--split", default="train", help="stage 2: split of --data (default train)")
     p.add_argument("--out", help="stage 2: output jsonl; resumed if it exists")
-    p.add_argument("--batch-size", type=int, default=32, help="stage 2: prompts per batch (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="stage 2: rows decoded together; a finished row's place goes to the next (default 32)")
     p.add_argument("--limit", type=int, help="stage 2: only the first N rows")
     p.add_argument("--force", action="store_true", help="stage 2: resume --out even if its settings differ")
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap (default 256)")

@@ -37,7 +37,8 @@ def test_bench_writes_every_figure(tmp_path, capsys):
     expected = {("headline", "train", 2, 16, False), ("headline", "train", 2, 16, True),
                 ("headline", "train_mem", 2, 16, False), ("headline", "train_mem", 2, 16, True),
                 ("headline", "prefill", 2, 16, None), ("headline", "decode", 1, 8, None),
-                ("headline", "decode", 32, 8, None), ("headline", "stage2", 2, None, None)}
+                ("headline", "decode", 32, 8, None), ("headline", "decode_compiled", 1, 8, None),
+                ("headline", "stage2", 2, None, None)}
     expected |= {("grid", "train", 2, 16, False), ("grid", "train_mem", 2, 16, False),  # the headline's
                  ("grid", "prefill", 2, 16, None), ("grid", "decode", 2, 16, None)}       # measurements, reused
     assert found == expected
@@ -48,13 +49,15 @@ def test_bench_writes_every_figure(tmp_path, capsys):
         assert math.isclose(f["ratio"], f["ours"] / f["transformers"]), f
     train = next(f for f in result["figures"] if f["figure"] == "train")
     assert math.isclose(train["first_loss"]["ours"], train["first_loss"]["transformers"], rel_tol=1e-4)
-    assert all(f["limit"] > 0 for f in result["figures"] if f["figure"] == "decode" and f["batch"] == 1)
+    assert all(f["limit"] > 0 for f in result["figures"] if f["figure"].startswith("decode") and f["batch"] == 1)
     stage2 = next(f for f in result["figures"] if f["figure"] == "stage2")
     assert stage2["tokens_produced"]["ours"] > 0 and stage2["tokens_produced"]["transformers"] > 0
 
     meta = result["meta"]
     assert meta["max_abs_logit_diff"] < 1e-4 and meta["transformers_attention"] == "sdpa"
     assert meta["machine"]["threads"] == 1 and meta["machine"]["cpu"]
-    assert len(result["targets"]) == 4 and all(isinstance(t["met"], bool) for t in result["targets"])
+    assert len(result["targets"]) == 5 and all(isinstance(t["met"], bool) for t in result["targets"])
+    import generate
+    assert generate.decode_one_token is generate.eager_decode_one_token and not generate.static_cache  # restored
     printed = capsys.readouterr().out
     assert "ours/tf" in printed and "target batch-1 decode" in printed
