@@ -231,8 +231,8 @@ def generate_ids(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampling
     for i, r in generate_stream(model, prompts, stop_ids, cfg, batch_size, keys):
         results[i] = r
         n_tokens += r["n_tokens"]
-        bar.update(1)
-        bar.set_postfix_str(f"{n_tokens / (time.time() - start):.0f} tok/s")
+        bar.set_postfix_str(f"{n_tokens / (time.time() - start):.0f} tok/s", refresh=False)
+        bar.update(1)  # redraws at most every tqdm.mininterval, although rows finish one by one
     bar.close()
     return results
 
@@ -462,8 +462,8 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
         summary["tokens"] += sum(r["n_tokens"] for r in finished)
         summary["hit_limit"] += sum(r["hit_limit"] for r in finished)
         summary["empty"] += sum(not r["reasoning"] for r in finished)
+        bar.set_postfix_str(f"{summary['tokens'] / (time.time() - start):.0f} tok/s", refresh=False)
         bar.update(len(finished))
-        bar.set_postfix_str(f"{summary['tokens'] / (time.time() - start):.0f} tok/s")
         finished.clear()
 
     try:
