@@ -31,7 +31,7 @@ training torch's fused AdamW (its Trainer's default, adamw_torch_fused). The fig
              generate.generate_ids; transformers: generate(do_sample=False, min_new_tokens=N,
              max_new_tokens=N). Both produce exactly N tokens per row.
   decode_compiled  batch-1 decode as above, ours with generate.compile_decode (torch.compile of the
-             decode step over a static cache: inductor; on CUDA replayed as a CUDA graph), beside
+             decode step over a static cache: inductor, with a C++ wrapper on CPU; on CUDA replayed as a CUDA graph), beside
              transformers' default generate (on this CPU, its static cache with a compiled forward
              measured no faster than its default).
   stage2     rows/s of stage 2 on fixed emotion rows: ours generate.augment_rows (prompts, continuous
@@ -524,10 +524,10 @@ def cpu_seconds() -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def compiled_decode():
-    """generate.compile_decode() for the duration (its first steps, timed in the warm-up, compile)."""
+def compiled_decode(device: str):
+    """generate.compile_decode(device) for the duration (its first steps, timed in the warm-up, compile)."""
     saved = generate.decode_one_token, generate.static_cache
-    generate.compile_decode()
+    generate.compile_decode(device)
     try:
         yield
     finally:
@@ -568,7 +568,7 @@ class Bench:
             fns = decode_fns(self.ours, self.hf, ids, self.args.new_tokens, self.device)
             if B == 1:
                 fns["limit"] = weight_read_fn(self.ours, self.device)
-            with compiled_decode() if compiled else contextlib.nullcontext():
+            with compiled_decode(self.device) if compiled else contextlib.nullcontext():
                 reps = interleaved(fns, self.args)
             found = [figure(name, "tokens/s", reps, batch=B, seq=T)]
             if B == 1:

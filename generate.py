@@ -128,16 +128,15 @@ eager_decode_one_token = decode_one_token  # compile_decode always wraps this on
 static_cache = False                       # compile_decode: one cache shape for every step
 
 
-def compile_decode(backend="inductor", mode=None):
-    """Swap in a torch.compile'd decode step (worth it on GPU, where one token is many small
-    kernels). Caches become static (every step reads all slots, the batch keeps its size), so
-    every step has the same shapes: one compilation, and on CUDA the step can be replayed as a
-    CUDA graph (mode "reduce-overhead", the default there). backend="aot_eager" traces without
-    generating code."""
+def compile_decode(device="cuda"):
+    """Swap in a torch.compile'd decode step (inductor). Caches become static (every step reads
+    all slots, the batch keeps its size), so every step has the same shapes and compiles once.
+    On CUDA each step is then replayed as one CUDA graph (what "reduce-overhead" does), instead
+    of launching its hundreds of small kernels one by one; on a CPU a C++ wrapper calls the
+    generated kernels with no Python in between."""
     global decode_one_token, static_cache
-    if mode is None:
-        mode = "reduce-overhead" if torch.cuda.is_available() else "default"
-    compiled = torch.compile(eager_decode_one_token, backend=backend, mode=mode, dynamic=False)
+    options = {"triton.cudagraphs": True} if str(device).startswith("cuda") else {"cpp_wrapper": True}
+    compiled = torch.compile(eager_decode_one_token, options=options, dynamic=False)
 
     def step(model, tokens, cache):
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer used
@@ -451,7 +450,7 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
         model = Llama.from_pretrained(model_dir, dtype, device).eval()
         tokenizer = data_lib.Tokenizer.from_dir(model_dir)
         if compile:
-            compile_decode()
+            compile_decode(device)
     bar = tqdm(total=len(mine), unit="row", desc="augment" if world == 1 else f"augment (rank 0 of {world})",
                disable=rank > 0)  # under torchrun, rank 0's share stands for the progress of all
     finished = []
@@ -539,7 +538,7 @@ def main(argv=None):
             model = Llama.from_pretrained(args.model, dtype, device).eval()
             tokenizer = data_lib.Tokenizer.from_dir(args.model)
             if args.compile:
-                compile_decode()
+                compile_decode(device)
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             stream_reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], cfg)
     except (ValueError, FileNotFoundError) as e:

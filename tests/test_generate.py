@@ -195,7 +195,7 @@ def test_compiled_decode_step_gives_the_same_tokens_from_one_graph(monkeypatch):
         monkeypatch.setattr(generate, name, getattr(generate, name))  # undone afterwards
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     torch._dynamo.reset()
-    generate.compile_decode()
+    generate.compile_decode("cpu")
     assert generate.static_cache
     assert generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=3) == expected
     torch._dynamo.reset()
