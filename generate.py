@@ -318,12 +318,32 @@ def done_ids(path) -> set:
     return {row_id for row_id, _ in complete_lines(path)}
 
 
-def append_rows(path, rows: list[dict]):
-    """Append rows as jsonl and make them durable (flush + fsync): a kill loses only later rows."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
+class JsonlAppender:
+    """Appends rows to a jsonl file as they come. Each row goes to the operating system at once
+    (write + flush), so a process that is killed loses no row it finished; every sync_every rows,
+    and at the end, they are forced to disk (fsync), so even a machine crash loses few. A kill
+    mid-write leaves a torn last line, which complete_lines cuts off on the next run."""
+
+    def __init__(self, path, sync_every: int = 32):
+        self.file, self.sync_every, self.unsynced = open(path, "a", encoding="utf-8"), sync_every, 0
+
+    def write(self, row: dict):
+        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.file.flush()
+        self.unsynced += 1
+        if self.unsynced >= self.sync_every:
+            self.sync()
+
+    def sync(self):
+        os.fsync(self.file.fileno())
+        self.unsynced = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.file.close()
 
 
 def write_json_atomic(path, obj):
@@ -453,28 +473,15 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
             compile_decode(device)
     bar = tqdm(total=len(mine), unit="row", desc="augment" if world == 1 else f"augment (rank 0 of {world})",
                disable=rank > 0)  # under torchrun, rank 0's share stands for the progress of all
-    finished = []
-
-    def flush():
-        append_rows(part, finished)
-        summary["rows"] += len(finished)
-        summary["tokens"] += sum(r["n_tokens"] for r in finished)
-        summary["hit_limit"] += sum(r["hit_limit"] for r in finished)
-        summary["empty"] += sum(not r["reasoning"] for r in finished)
-        bar.set_postfix_str(f"{summary['tokens'] / (time.time() - start):.0f} tok/s", refresh=False)
-        bar.update(len(finished))
-        finished.clear()
-
-    try:
-        # Rows are written batch_size at a time (one fsync each); an interruption flushes what is
-        # finished, and a kill loses at most the rows in flight and those not yet written.
+    with JsonlAppender(part, sync_every=batch_size) as out:
         for row in augment_rows(model, tokenizer, mine, cfg, batch_size) if mine else ():
-            finished.append(row)
-            if len(finished) >= batch_size:
-                flush()
-    finally:
-        if finished:
-            flush()
+            out.write(row)  # as soon as it finishes: a kill loses only the rows in flight
+            summary["rows"] += 1
+            summary["tokens"] += row["n_tokens"]
+            summary["hit_limit"] += row["hit_limit"]
+            summary["empty"] += not row["reasoning"]
+            bar.set_postfix_str(f"{summary['tokens'] / (time.time() - start):.0f} tok/s", refresh=False)
+            bar.update(1)
     bar.close()
     if world > 1:
         counts = ("rows", "tokens", "hit_limit", "empty")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generate import SamplingConfig, append_rows, check_meta, done_ids, generate_ids, merge_parts, sample
+from generate import JsonlAppender, SamplingConfig, check_meta, done_ids, generate_ids, merge_parts, sample
 from model import Llama, LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +50,12 @@ def greedy_without_cache(model, prompt, max_new, stop_ids=()):
             return ids[len(prompt):], False
         ids.append(token)
     return ids[len(prompt):], True
+
+
+def append_rows(path, rows):
+    with JsonlAppender(path) as out:
+        for row in rows:
+            out.write(row)
 
 
 def replies(results):
