@@ -5,6 +5,7 @@ LlamaForCausalLM: the same weights, the same inputs, one run, one table (and a J
     python bench.py --full                       # the whole grid: seq 128/512/2048 x batch 1/8/32
     python bench.py --config config.json         # random weights with a checkpoint's shapes
     python bench.py --model DIR --device cuda    # a real checkpoint on a GPU (bf16): adds MFU and bandwidth share
+    python bench.py --compile-train              # our training side as train.py --compile runs it
 
 Every figure is ours beside transformers', each the median of --reps repetitions after --warmup
 ones (training: --train-reps optimizer steps after --train-warmup), and the ratio ours /
@@ -119,6 +120,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     p.add_argument("--peak-flops", type=float, default=989e12, help="cuda: peak FLOP/s for MFU (H100 bf16 dense)")
     p.add_argument("--peak-bandwidth", type=float, default=3.35e12, help="cuda: peak memory bytes/s (H100 SXM)")
+    p.add_argument("--compile-train", action="store_true", help="our training side with train.py --compile "
+                   "(each block through torch.compile; the warm-up steps compile)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json", help="the JSON file written")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one side's training, in a fresh process
@@ -347,6 +350,9 @@ def worker_main(spec: dict):
     torch.set_num_threads(spec["threads"])
     device = spec["device"]
     model = load(spec["side"], Path(spec["model_dir"]), torch.float32, device).train()  # fp32 masters
+    if spec["compile"] and spec["side"] == "ours":
+        for block in model.layers:  # as train.py --compile does
+            block.compile()
     peak = memory_probe(device)
     step = train_step_fn(model, spec)
     print(json.dumps({"ready": True}), file=reply, flush=True)
@@ -591,7 +597,8 @@ class Bench:
         def measure():
             a = self.args
             spec = {"model_dir": str(self.model_dir), "device": self.device, "dtype": a.dtype, "threads": a.threads,
-                    "batch": B, "seq": T, "ckpt": ckpt, "target_frac": a.target_frac, "seed": a.seed + 4}
+                    "batch": B, "seq": T, "ckpt": ckpt, "target_frac": a.target_frac, "seed": a.seed + 4,
+                    "compile": a.compile_train}
             warmup = max(1, a.train_warmup)
             res = train_both(spec, warmup + a.train_reps, interleave=not self.device.startswith("cuda"))
             where = dict(batch=B, seq=T, ckpt=ckpt)
@@ -637,7 +644,7 @@ def run(args) -> dict:
                 "config": b.ours.config.to_hf(), "params": b.ours.num_params(), "flop_params": b.n_flop,
                 "max_abs_logit_diff": logit_diff, "reps": args.reps, "warmup": args.warmup,
                 "train_reps": args.train_reps, "train_warmup": args.train_warmup, "new_tokens": args.new_tokens,
-                "target_frac": args.target_frac}
+                "target_frac": args.target_frac, "compile_train": args.compile_train}
         b.ours = b.hf = None  # training loads its own copies, in subprocesses
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()  # hand the GPU memory to them
@@ -691,7 +698,7 @@ def table(result: dict) -> str:
         f"against transformers {meta['transformers']} LlamaForCausalLM ({meta['transformers_attention']}, "
         f"{meta['transformers_cache']}, {meta['transformers_optimizer']}); median of {meta['reps']} after "
         f"{meta['warmup']} warm-up (training: {meta['train_reps']} steps after {meta['train_warmup']}, "
-        f"{meta['target_frac']:.0%} of tokens with a loss); decode: "
+        f"{meta['target_frac']:.0%} of tokens with a loss{', ours compiled' if meta['compile_train'] else ''}); decode: "
         f"{meta['new_tokens']} new tokens after a prompt of seq tokens; "
         f"{meta['seconds']:.0f} s in all",
         "",

@@ -108,6 +108,8 @@ class TrainConfig:
                     choices=("bf16", "fp32"))
     grad_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass: "
                                   "less memory, about a third more compute")
+    compile: bool = _f(False, "torch.compile each decoder block (inductor): fused elementwise kernels, "
+                       "for GPU speed; the first steps of each new sequence length compile")
     length_chunk: int = _f(64, "length grouping: each epoch's shuffled examples are sorted by length within "
                            "chunks of this many micro-batches, so little compute goes to padding (1: off)")
     eval_every: int = _f(100, "validation loss every N optimizer steps (and at the end)")
@@ -127,7 +129,7 @@ class TrainConfig:
 
 DEFAULT_MAX_SEQ_LEN = {"rgen": 1024, "q2a": 512, "q2ra": 512}
 # Fields that may change on --resume: they do not change the training trajectory.
-RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "device"}
+RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "device", "compile"}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -577,6 +579,9 @@ def train(cfg: TrainConfig) -> Path:
     model = Llama.from_pretrained(out / "last" if cfg.resume else tokenizer_dir, dtype=torch.float32, device=device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
+    if cfg.compile:
+        for block in model.layers:  # in place: parameter names, and so checkpoints, stay as they are
+            block.compile()
     log(f"{model.num_params() / 1e6:.1f}M parameters in fp32"
         + (" (bf16 autocast for the matmuls)" if bf16 else ""))
 

@@ -30,7 +30,7 @@ def test_bench_writes_every_figure(tmp_path, capsys):
                 "--train-reps", "1", "--train-warmup", "1",
                 "--batch", "2", "--seq", "16", "--prompt-len", "8", "--new-tokens", "3",
                 "--stage2-rows", "3", "--stage2-batch", "2", "--stage2-new-tokens", "3",
-                "--grid-seqs", "16", "--grid-batches", "2", "--out", str(out)])
+                "--grid-seqs", "16", "--grid-batches", "2", "--compile-train", "--out", str(out)])
     result = json.loads(out.read_text())
 
     found = {(f["section"], f["figure"], f["batch"], f.get("seq"), f.get("ckpt")) for f in result["figures"]}
@@ -54,7 +54,7 @@ def test_bench_writes_every_figure(tmp_path, capsys):
     assert stage2["tokens_produced"]["ours"] > 0 and stage2["tokens_produced"]["transformers"] > 0
 
     meta = result["meta"]
-    assert meta["max_abs_logit_diff"] < 1e-4 and meta["transformers_attention"] == "sdpa"
+    assert meta["max_abs_logit_diff"] < 1e-4 and meta["transformers_attention"] == "sdpa" and meta["compile_train"]
     assert meta["machine"]["threads"] == 1 and meta["machine"]["cpu"]
     assert len(result["targets"]) == 5 and all(isinstance(t["met"], bool) for t in result["targets"])
     import generate
