@@ -437,12 +437,16 @@ def _records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[str
 
 
 def _parse_file(path: Path, parse: Callable[[dict, int], dict], skip_bad: bool, first_index: int,
-                columns: list[str] | None):
+                columns: list[str] | None, wanted: Callable[[int], bool] | None = None):
     """Yield parse(record, index) for each row of one file, index counting every row (bad ones
     too) from first_index; return the number of rows. A bad row raises a one-line ValueError
-    naming the file and row, or with skip_bad yields _SKIPPED (and the file gets one warning)."""
+    naming the file and row, or with skip_bad yields _SKIPPED (and the file gets one warning).
+    wanted(index) False: the row is passed over unread (a bad one there is no error)."""
     n, n_bad, first_bad = 0, 0, None
     for where, record in _records(path, columns):
+        if wanted is not None and not wanted(first_index + n):
+            n += 1
+            continue
         try:
             if record is None:
                 raise _BadRow("not a JSON object")
@@ -458,13 +462,13 @@ def _parse_file(path: Path, parse: Callable[[dict, int], dict], skip_bad: bool, 
     return n
 
 
-def _parse_files(files: list[Path], parser_for: Callable, skip_bad: bool):
+def _parse_files(files: list[Path], parser_for: Callable, skip_bad: bool, wanted=None):
     """_parse_file over several files (shards); parser_for(file) -> (parse, columns to read) is
     called only when the file's turn comes. Row indices continue across files."""
     index = 0
     for file in files:
         parse, columns = parser_for(file)
-        index += yield from _parse_file(file, parse, skip_bad, index, columns)
+        index += yield from _parse_file(file, parse, skip_bad, index, columns, wanted)
 
 
 def _collect(stream: RowStream) -> Rows:
@@ -615,11 +619,27 @@ def _rgen_parser(file: Path):
 
 def iter_reasoning_gen(source, max_examples: int | None = None, skip_bad: bool = False) -> RowStream:
     """syvai/reasoning-gen rows {id, question, answer, reasoning}, streamed shard by shard and
-    batch by batch (the real set is ~350k rows in ~215 MB parquet shards); stops after
-    max_examples good rows without opening later shards. source: folder, file or hub id.
-    id is the file's id column, else the row's index over all shards."""
+    batch by batch (the real set is ~350k rows of math, code and science in ~215 MB parquet
+    shards). max_examples: that many rows spread evenly over all shards (rows i * total // n),
+    not the first ones, which would all come from one part of the set if its shards are grouped
+    by domain. source: folder, file or hub id. id is the file's id column, else the row's index
+    over all shards."""
     files = _rgen_files(_local_or_download(source))
-    return RowStream(_parse_files(files, _rgen_parser, skip_bad), max_examples)
+    wanted = None
+    if max_examples:
+        total = sum(_row_count(f) for f in files)
+        if total > max_examples:
+            picked = {i * total // max_examples for i in range(max_examples)}
+            wanted = picked.__contains__
+    return RowStream(_parse_files(files, _rgen_parser, skip_bad, wanted), max_examples)
+
+
+def _row_count(path: Path) -> int:
+    """Rows of a parquet file (from its footer, no data read) or non-empty lines of a jsonl file."""
+    if path.name.endswith(".parquet"):
+        return _parquet_file(path).metadata.num_rows
+    with (gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")) as f:
+        return sum(1 for line in f if line.strip())
 
 
 def write_reasoning_gen_demo(folder, rows: list[dict], shards: int = 2) -> Path:

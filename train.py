@@ -83,7 +83,8 @@ class TrainConfig:
     out: str = field(metadata={"help": "run folder: train_config.json, metrics.jsonl, loss.png, best/, last/"})
     model: str = _f("meta-llama/Llama-3.2-1B-Instruct", "checkpoint folder or hub id to start from "
                     "(its tokenizer is used and copied into every checkpoint)")
-    max_examples: int = _f(0, "training examples used (0: all); rgen streams only this many rows")
+    max_examples: int = _f(0, "training examples used (0: all); rgen reads this many (plus --val-examples), "
+                              "spread evenly over the whole set")
     val_examples: int = _f(500, "validation examples: the first N of the emotion 'validation' split when it "
                            "exists, else N held out from the training rows, at most a tenth of them (a seeded "
                            "random slice; rgen: the first rows of the stream, read on top of --max-examples). "
@@ -243,12 +244,15 @@ class Batch(NamedTuple):
 def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], dict]:
     """Training and validation examples of the task, tokenized; plus counts of what was cut or skipped."""
     if cfg.task == "rgen":
-        # Streamed: 350k rows (3 GB) never sit in memory as text. The first val_examples rows are held out.
+        # Streamed: 350k rows (3 GB) never sit in memory as text. Every k-th example is held out,
+        # so that validation, like training, covers the whole set (the rows come in the set's order).
         limit = cfg.max_examples + cfg.val_examples if cfg.max_examples else None
         rows = data.iter_reasoning_gen(cfg.data, max_examples=limit, skip_bad=cfg.skip_bad)
         examples, truncated = encode(cfg, tokenizer, rows, "rgen")
         n_val = held_out_count(cfg, len(examples))
-        train_set, val_set, skipped = examples[n_val:], examples[:n_val], rows.skipped
+        held_out = set(range(0, n_val * (len(examples) // n_val), len(examples) // n_val)) if n_val else set()
+        train_set = [ex for i, ex in enumerate(examples) if i not in held_out]
+        val_set, skipped = [ex for i, ex in enumerate(examples) if i in held_out], rows.skipped
     else:
         train_rows = emotion_rows(cfg, cfg.data, "train")
         skipped, val_rows = train_rows.skipped, None

@@ -469,15 +469,21 @@ def test_iter_reasoning_gen_streams_shards(tmp_path):
     rows = list(data.iter_reasoning_gen(tmp_path))
     assert len(rows) == 2510 and [r["id"] for r in rows] == list(range(2510))
     assert rows[2505] == {"id": 2505, "question": "question 2505", "answer": "answer 2505", "reasoning": "reasoning 2505"}
-    assert [r["id"] for r in data.iter_reasoning_gen(tmp_path, max_examples=3)] == [0, 1, 2]
+    assert [r["id"] for r in data.iter_reasoning_gen(tmp_path, max_examples=3)] == [0, 836, 1673]
 
 
-def test_iter_reasoning_gen_stops_before_later_shards(tmp_path):
-    write_parquet(tmp_path / "data" / "train-00000-of-00002.parquet", rgen_columns(0, 5))
-    (tmp_path / "data" / "train-00001-of-00002.parquet").write_bytes(b"not parquet")  # never opened
-    assert len(list(data.iter_reasoning_gen(tmp_path, max_examples=5))) == 5
+def test_iter_reasoning_gen_subset_spreads_over_every_shard(tmp_path):
+    """A set whose shards are grouped by domain: max_examples takes rows from all of them, and a
+    bad row that is not taken is no error."""
+    math_rows, code_rows = rgen_columns(0, 6), rgen_columns(6, 6)
+    code_rows["answer"][1] = None                                  # row 7: bad, but not picked
+    write_parquet(tmp_path / "data" / "train-00000-of-00002.parquet", math_rows)
+    write_parquet(tmp_path / "data" / "train-00001-of-00002.parquet", code_rows)
+    assert [r["id"] for r in data.iter_reasoning_gen(tmp_path, max_examples=4)] == [0, 3, 6, 9]
+    assert len(list(data.iter_reasoning_gen(tmp_path, max_examples=20, skip_bad=True))) == 11  # all but row 7
+    (tmp_path / "data" / "train-00001-of-00002.parquet").write_bytes(b"not parquet")
     with pytest.raises(ValueError, match="train-00001-of-00002.parquet: not a readable parquet file"):
-        list(data.iter_reasoning_gen(tmp_path, max_examples=6))
+        list(data.iter_reasoning_gen(tmp_path, max_examples=4))
 
 
 def test_iter_reasoning_gen_column_aliases(tmp_path):
@@ -515,7 +521,7 @@ def test_write_reasoning_gen_demo_round_trip(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)      # without pyarrow the demo runs on jsonl
     folder = data.write_reasoning_gen_demo(tmp_path / "jsonl", rows)
     assert [p.name for p in (folder / "data").iterdir()] == ["train.jsonl"]
-    assert [r["reasoning"] for r in data.iter_reasoning_gen(folder, max_examples=2)] == ["r0", "r1"]
+    assert [r["reasoning"] for r in data.iter_reasoning_gen(folder, max_examples=2)] == ["r0", "r2"]
 
 
 # ----------------------------------------------------------------------------- augmented

@@ -153,7 +153,7 @@ def test_truncation_and_bad_rows_are_counted(assets, tmp_path):
 
 def test_validation_rows(assets):
     """The emotion 'validation' split when there is one; a seeded held-out slice of a single file;
-    the first rows of the reasoning-gen stream."""
+    rows spread over the whole reasoning-gen set."""
     tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
     cfg = TrainConfig(task="q2a", data=str(assets.emotion), out="", val_examples=5, max_examples=20)
     train_set, val_set, _ = train.load_examples(cfg, tokenizer)
@@ -178,12 +178,17 @@ def test_validation_rows(assets):
     assert len(train_set) == 48 and [ex.ids.tolist() for ex in val_set] == \
         [ex.ids.tolist() for ex in examples_of("q2ra", tokenizer, assets.rows[40:43])]
 
+    # reasoning-gen: 8 + 1 rows spread over the set, and every k-th of them held out
     cfg = replace(cfg, task="rgen", data=str(assets.rgen), max_examples=8, val_examples=1)
     train_set, val_set, _ = train.load_examples(cfg, tokenizer)
-    expected = examples_of("rgen", tokenizer, assets.rgen_rows[:9])
-    assert len(val_set) == 1 and [ex.ids.tolist() for ex in val_set + train_set] == [ex.ids.tolist() for ex in expected]
+    n = len(assets.rgen_rows)
+    expected = examples_of("rgen", tokenizer, [assets.rgen_rows[i * n // 9] for i in range(9)])
+    assert n > 9 and len(val_set) == 1
+    assert [ex.ids.tolist() for ex in val_set + train_set] == [ex.ids.tolist() for ex in expected]
     train_set, val_set, _ = train.load_examples(replace(cfg, max_examples=0, val_examples=5), tokenizer)
     assert (len(val_set), len(train_set)) == (2, 10)  # a short stream: a tenth (rounded up) is held out
+    every = examples_of("rgen", tokenizer, assets.rgen_rows)
+    assert [ex.ids.tolist() for ex in val_set] == [every[0].ids.tolist(), every[6].ids.tolist()]
 
 
 def test_batch_order_is_seeded_complete_and_length_grouped():
