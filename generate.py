@@ -16,9 +16,10 @@ file is the one a single process writes (rows in another order).
 
 Continuous batching: up to --batch-size rows decode together, one token each per step. Each
 row owns its cache slots (slot = position, see model.KVCache) and its attention mask, so a row
-gets exactly the tokens it would get alone, and a row that finishes hands its place to the next
-waiting prompt at once: the batch stays full until the prompts run out, instead of waiting for
-its longest reply. New prompts are prefilled together (right-padded) and inserted into the cache.
+gets exactly the tokens it would get alone, and the places of finished rows go to the next
+waiting prompts: the batch stays nearly full until the prompts run out, instead of waiting for
+its longest reply. New prompts are prefilled together (right-padded) and inserted into the
+cache, once an eighth of the batch is free, so that one prefill serves several of them.
 
 References: gpt-fast generate.py (static cache, prefill / decode_one_token split),
 Holtzman et al. 2020 (nucleus / top-p sampling), Hugging Face `generate` (the semantics
@@ -153,10 +154,10 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
     """Yield (index, result) for every prompt as it finishes, result = dict of ids (without the
     stop id), n_tokens and hit_limit (max_new_tokens reached without a stop id).
 
-    Continuous batching: batch_size rows decode together, one token per step; a row that
-    finishes hands its place to the next waiting prompt (prefilled, then inserted into the
-    cache), so the batch stays full until the prompts run out; then finished rows are dropped.
-    Prompts enter shortest first. keys: one int per prompt naming its random stream (default:
+    Continuous batching: batch_size rows decode together, one token per step; the places of
+    finished rows go to the next waiting prompts (prefilled together, then inserted into the
+    cache) as soon as an eighth of the batch is free, so the batch stays nearly full until the
+    prompts run out; then finished rows are dropped. Prompts enter shortest first. keys: one int per prompt naming its random stream (default:
     its index). on_token(index, token) is called for every reply token as it comes."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
@@ -178,6 +179,9 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
         u = None if cfg.greedy else row_uniforms([keys[i] for i in new], cfg).to(device)
         return new, logits, cache, u
 
+    # Rows that finish wait, idle, until an eighth of the batch is free: one prefill then serves
+    # them all (on a GPU a prefill costs about a decode step, whatever its number of rows).
+    refill_at = max(1, batch_size // 8)
     first, logits, new_cache, u = admit(batch_size)
     cache = model.new_cache(len(first), max_len, static=static_cache)
     cache.insert(torch.arange(len(first), device=device), new_cache)
@@ -204,15 +208,16 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
                 yield i, {"ids": ids, "n_tokens": len(ids), "hit_limit": not is_stop}
         if any(i is not None for i in rows):
             logits = decode_one_token(model, tokens, cache)  # finished rows' logits are replaced or unused
-        if finished and waiting:                        # new prompts take the finished rows' places
-            new, new_logits, new_cache, new_u = admit(len(finished))
-            places = torch.tensor(finished[:len(new)], device=device)
+        idle = [b for b, i in enumerate(rows) if i is None]
+        if waiting and len(idle) >= min(refill_at, len(rows)):  # new prompts take the idle rows' places
+            new, new_logits, new_cache, new_u = admit(len(idle))
+            places = torch.tensor(idle[:len(new)], device=device)
             cache.insert(places, new_cache)
             logits = logits.index_copy(0, places, new_logits)
             u = None if u is None else u.index_copy(0, places, new_u)
-            for b, i in zip(finished, new):
+            for b, i in zip(idle, new):
                 rows[b], replies[i] = i, []
-        if None in rows and not static_cache and any(i is not None for i in rows):
+        if not waiting and None in rows and not static_cache and any(i is not None for i in rows):
             # Nothing waits: drop the idle rows, so that they stop costing compute.
             keep = torch.tensor([b for b, i in enumerate(rows) if i is not None], device=device)
             rows = [i for i in rows if i is not None]
@@ -517,7 +522,7 @@ def main(argv=None):
     p.add_argument("--data", help="stage 2: emotion source (folder, file or hub id)")
     p.add_argument("--split", default="train", help="stage 2: split of --data (default train)")
     p.add_argument("--out", help="stage 2: output jsonl; resumed if it exists")
-    p.add_argument("--batch-size", type=int, default=32, help="stage 2: rows decoded together; a finished row's place goes to the next (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="stage 2: rows decoded together; finished rows' places go to the next ones (default 32)")
     p.add_argument("--limit", type=int, help="stage 2: only the first N rows")
     p.add_argument("--force", action="store_true", help="stage 2: resume --out even if its settings differ")
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap (default 256)")

@@ -102,6 +102,12 @@ def test_finished_rows_hand_their_place_to_waiting_prompts(monkeypatch):
     assert admitted[0] == 2 and sum(admitted) == 7 and len(admitted) > 3   # refilled as rows finished
     assert sorted(finish_order) == list(range(7))
     assert replies(generate_ids(model, prompts, stop, GREEDY, batch_size=2)) == replies(alone)
+    # With 16 rows, places are refilled once 2 (an eighth) are free: one prefill serves both.
+    admitted.clear()
+    many = prompts_of([(7 * i) % 19 + 1 for i in range(40)], seed=2)
+    out = generate_ids(model, many, stop, GREEDY, batch_size=16)
+    assert admitted[0] == 16 and sum(admitted) == 40 and min(admitted[1:-1]) >= 2
+    assert replies(out) == replies([generate_ids(model, [p], stop, GREEDY)[0] for p in many])
 
 
 def test_greedy_equals_transformers_generate(tmp_path):
