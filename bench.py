@@ -104,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--target-frac", type=float, default=1.0, help="share of each training row that carries a loss")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens of the headline decode figures")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row in decode figures")
-    p.add_argument("--stage2-rows", type=int, default=64)
+    p.add_argument("--stage2-rows", type=int, default=256, help="rows of the stage-2 figure (8 batches: the real run has 500)")
     p.add_argument("--stage2-batch", type=int, default=32)
     p.add_argument("--stage2-new-tokens", type=int, default=64)
     p.add_argument("--grid-seqs", default="128,512,2048", help="sequence lengths of the scaling grid")
