@@ -493,7 +493,7 @@ def main(argv=None):
             p.error(f"--{missing[0]} is required (or use --compare A B)")
         report = evaluate(args.model, args.task, args.data, args.split, args.out, args.limit, args.batch_size,
                           args.max_new_tokens, args.scoring, args.device, args.dtype)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
         sys.exit(f"eval.py: error: {e}")
     print(f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
           f"unparsed {report['unparsed_share']:.2%}  -> {Path(args.out) / 'report.md'}")

@@ -553,7 +553,7 @@ def main(argv=None):
                 compile_decode(device)
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             stream_reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
         sys.exit(f"generate.py: {e}")
     except KeyboardInterrupt:
         sys.exit("generate.py: interrupted" + ("; rerun the same command to resume" if args.task else ""))

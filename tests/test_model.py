@@ -289,3 +289,22 @@ def test_hub_id_offline_is_one_clear_line(tmp_path):
     assert result.returncode != 0
     assert last.startswith("RuntimeError: meta-llama/Llama-3.2-1B-Instruct: not a local folder")
     assert "hub" in last and "\n" not in last
+
+
+@pytest.mark.parametrize("command", [
+    ["generate.py", "--model", "meta-llama/Llama-3.2-1B-Instruct", "--prompt", "hi"],
+    ["eval.py", "--model", "meta-llama/Llama-3.2-1B-Instruct", "--task", "q2a", "--data", "dair-ai/emotion",
+     "--split", "test", "--out", "unused"],
+    ["train.py", "--task", "q2a", "--model", "meta-llama/Llama-3.2-1B-Instruct", "--data", "dair-ai/emotion",
+     "--out", "unused"]], ids=lambda c: c[0])
+def test_cli_offline_hub_id_is_one_line(tmp_path, command):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    result = subprocess.run([sys.executable, os.path.join(root, command[0]), *command[1:]], capture_output=True,
+                            text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(command[0] + ": ") and "Hugging Face hub" in line, line
