@@ -57,6 +57,8 @@ class PipelineConfig:
     eval_limit: int = field(default=0, metadata={"help": "evaluate on the first N test rows (0: all 2,000)"})
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
     dtype: str = field(default="bf16", metadata={"help": "bf16 or fp32 (training keeps fp32 master weights)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the training blocks and the stage-2 "
+                                                   "decode step (for a GPU; results agree to float rounding)"})
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
     demo: bool = field(default=False, metadata={"help": "run the embedded CPU demo: a tiny model and "
                                                 "generated data, no download; mechanics, not results"})
@@ -106,7 +108,7 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
 def run_train(settings: dict, folder: Path, cfg: PipelineConfig):
     import train
     resume = (folder / "last" / "train_state.pt").is_file()  # an interrupted run continues
-    train.train(train.TrainConfig(**settings, out=str(folder), device=cfg.device,
+    train.train(train.TrainConfig(**settings, out=str(folder), device=cfg.device, compile=cfg.compile,
                                   resume=resume))
 
 
@@ -116,7 +118,7 @@ def run_augment(settings: dict, folder: Path, cfg: PipelineConfig):
     for split, limit in (("train", None), ("validation", settings["validation_rows"])):
         generate.augment(settings["model"], settings["data"], split, settings[f"{split}_out"], sampling,
                          batch_size=cfg.gen_batch_size, limit=limit, device=cfg.device,
-                         dtype=settings["dtype"])
+                         dtype=settings["dtype"], compile=cfg.compile)
 
 
 def run_eval(settings: dict, folder: Path, cfg: PipelineConfig):

@@ -93,3 +93,18 @@ def test_readme_commands_exist_and_show_help():
     for script in sorted(scripts):
         result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0 and "usage" in result.stdout, (script, result.stderr[-500:])
+
+
+def test_compile_reaches_training_and_stage_2(monkeypatch, tmp_path):
+    """--compile is a speed setting: it is handed to train.py and to stage 2, not part of a stage's settings."""
+    import generate
+    import train
+    seen = {}
+    monkeypatch.setattr(train, "train", lambda cfg: seen.setdefault("train", cfg.compile))
+    monkeypatch.setattr(generate, "augment", lambda *a, **kw: seen.setdefault("augment", kw["compile"]))
+    cfg = pipeline.PipelineConfig(out=str(tmp_path), compile=True)
+    specs = {spec["name"]: spec for spec in pipeline.stage_specs(cfg, tmp_path)}
+    for name in ("q2a", "augment"):
+        specs[name]["run"](specs[name]["settings"], tmp_path / name, cfg)
+        assert "compile" not in specs[name]["settings"]
+    assert seen == {"train": True, "augment": True}
