@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import zlib
@@ -136,7 +137,11 @@ def compile_decode(device="cuda"):
     of launching its hundreds of small kernels one by one; on a CPU a C++ wrapper calls the
     generated kernels with no Python in between."""
     global decode_one_token, static_cache
-    options = {"triton.cudagraphs": True} if str(device).startswith("cuda") else {"cpp_wrapper": True}
+    on_gpu = str(device).startswith("cuda")
+    if not on_gpu and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        raise RuntimeError("--compile on a CPU needs a C++ compiler (g++ or clang++, or one named by $CXX): "
+                           "inductor writes the decode step as C++")
+    options = {"triton.cudagraphs": True} if on_gpu else {"cpp_wrapper": True}
     compiled = torch.compile(eager_decode_one_token, options=options, dynamic=False)
 
     def step(model, tokens, cache):

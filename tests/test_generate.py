@@ -213,6 +213,15 @@ def test_compiled_decode_step_gives_the_same_tokens_from_one_graph(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_compile_without_a_cpu_compiler_is_one_clear_error(monkeypatch):
+    import generate
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(generate.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="--compile on a CPU needs a C\\+\\+ compiler"):
+        generate.compile_decode("cpu")
+    assert generate.decode_one_token is generate.eager_decode_one_token and not generate.static_cache
+
+
 # ----------------------------------------------------------------------------- stage-2 file handling
 
 def test_done_ids_cuts_a_torn_last_line_and_names_a_bad_one(tmp_path):
