@@ -353,13 +353,14 @@ def format_comparison(c: dict) -> str:
 
 def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval", limit: int | None = None,
              batch_size: int = 32, max_new_tokens: int | None = None, scoring: str = "generate",
-             device: str | None = None, dtype=None) -> dict:
+             device: str | None = None, dtype=None, compile: bool = False) -> dict:
     """Predict every example of `data`'s `split` with the model in model_dir, write
     predictions and report to out_dir, and return the report.
 
     scoring="generate": greedy replies of up to max_new_tokens (default 8 for q2a, 256 for
     q2ra), parsed with parse_label. scoring="logprob" (q2a only): the most likely label reply.
     device defaults to cuda when available; dtype (bf16, fp32, fp16 or a torch.dtype) to bf16 on cuda, fp32 on cpu.
+    compile: generate with a torch.compile'd decode step (generate.compile_decode).
     Files already in out_dir (default runs/eval) are replaced.
     """
     if task not in MAX_NEW_TOKENS:
@@ -384,7 +385,9 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
 
     t0 = time.perf_counter()
     if scoring == "generate":
-        from generate import SamplingConfig, generate
+        from generate import SamplingConfig, compile_decode, generate
+        if compile:
+            compile_decode(device)
         max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
         outputs = generate(model, tokenizer, conversations, cfg, batch_size=batch_size, progress=True)
@@ -478,6 +481,7 @@ def main(argv=None):
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"],
                    help="model weights and compute (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for a GPU)")
     args = p.parse_args(argv)
 
     try:
@@ -492,7 +496,7 @@ def main(argv=None):
         if missing:
             p.error(f"--{missing[0]} is required (or use --compare A B)")
         report = evaluate(args.model, args.task, args.data, args.split, args.out, args.limit, args.batch_size,
-                          args.max_new_tokens, args.scoring, args.device, args.dtype)
+                          args.max_new_tokens, args.scoring, args.device, args.dtype, args.compile)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
         sys.exit(f"eval.py: error: {e}")
     print(f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "

@@ -57,8 +57,9 @@ class PipelineConfig:
     eval_limit: int = field(default=0, metadata={"help": "evaluate on the first N test rows (0: all 2,000)"})
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
     dtype: str = field(default="bf16", metadata={"help": "bf16 or fp32 (training keeps fp32 master weights)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the training blocks and the stage-2 "
-                                                   "decode step (for a GPU; results agree to float rounding)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the training blocks and the decode "
+                                                   "step of stages 2 and 4 (for a GPU; results agree to float "
+                                                   "rounding)"})
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
     demo: bool = field(default=False, metadata={"help": "run the embedded CPU demo: a tiny model and "
                                                 "generated data, no download; mechanics, not results"})
@@ -125,7 +126,7 @@ def run_eval(settings: dict, folder: Path, cfg: PipelineConfig):
     import eval as evaluation
     evaluation.evaluate(settings["model"], settings["task"], settings["data"], split=settings["split"],
                         out_dir=folder, limit=settings["limit"], batch_size=cfg.gen_batch_size,
-                        device=cfg.device, dtype=settings["dtype"])
+                        device=cfg.device, dtype=settings["dtype"], compile=cfg.compile)
 
 
 def run_compare(settings: dict, folder: Path, cfg: PipelineConfig):

@@ -96,15 +96,18 @@ def test_readme_commands_exist_and_show_help():
 
 
 def test_compile_reaches_training_and_stage_2(monkeypatch, tmp_path):
-    """--compile is a speed setting: it is handed to train.py and to stage 2, not part of a stage's settings."""
+    """--compile is a speed setting: it is handed to training, stage 2 and the evaluations, not
+    part of any stage's settings."""
     import generate
     import train
     seen = {}
     monkeypatch.setattr(train, "train", lambda cfg: seen.setdefault("train", cfg.compile))
+    import eval as evaluation
     monkeypatch.setattr(generate, "augment", lambda *a, **kw: seen.setdefault("augment", kw["compile"]))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **kw: seen.setdefault("eval", kw["compile"]))
     cfg = pipeline.PipelineConfig(out=str(tmp_path), compile=True)
     specs = {spec["name"]: spec for spec in pipeline.stage_specs(cfg, tmp_path)}
-    for name in ("q2a", "augment"):
+    for name in ("q2a", "augment", "eval_q2ra"):
         specs[name]["run"](specs[name]["settings"], tmp_path / name, cfg)
         assert "compile" not in specs[name]["settings"]
-    assert seen == {"train": True, "augment": True}
+    assert seen == {"train": True, "augment": True, "eval": True}
