@@ -38,8 +38,8 @@ training torch's fused AdamW (its Trainer's default, adamw_torch_fused). The fig
   stage2     rows/s of stage 2 on fixed emotion rows: ours generate.augment_rows (prompts, continuous
              batching, per-row stops, detokenisation); transformers, batch by batch: the same prompt ids
              (generate.rgen_prompt), left-padded, generate(do_sample=False, eos_token_id=the stop ids),
-             the same detokenisation. Random weights never emit a stop id, so both sides also stop at
-             the tokens a free run emits most often, enough of them that replies end at varied
+             the same detokenisation. Random weights (no --model) never emit a stop id, so both sides
+             also stop at the tokens a free run emits most often, enough of them that replies end at varied
              lengths (median under half of --stage2-new-tokens, as with real reasoning); the JSON
              counts the tokens each side produced.
   train_mfu  (cuda) train tokens/s x 6N / --peak-flops, N = non-embedding parameters + the output head.
@@ -298,8 +298,10 @@ def stage2_fns(ours, hf, tokenizer, args) -> tuple[dict, dict]:
     rows.sort(key=lambda row: len(row["text"]))
     batches = [rows[i:i + args.stage2_batch] for i in range(0, len(rows), args.stage2_batch)]
     cfg = generate.SamplingConfig(max_new_tokens=args.stage2_new_tokens)
-    tokenizer = copy.copy(tokenizer)
-    tokenizer.stop_ids = varied_stops(ours, [generate.rgen_prompt(tokenizer, row) for row in rows], tokenizer.stop_ids, cfg)
+    if not args.model:  # random weights: a real checkpoint ends its replies by itself
+        tokenizer = copy.copy(tokenizer)
+        prompts = [generate.rgen_prompt(tokenizer, row) for row in rows]
+        tokenizer.stop_ids = varied_stops(ours, prompts, tokenizer.stop_ids, cfg)
     stop = sorted(tokenizer.stop_ids)
     produced = {}
 
