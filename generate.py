@@ -162,8 +162,9 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
     Continuous batching: batch_size rows decode together, one token per step; the places of
     finished rows go to the next waiting prompts (prefilled together, then inserted into the
     cache) as soon as an eighth of the batch is free, so the batch stays nearly full until the
-    prompts run out; then finished rows are dropped. Prompts enter shortest first. keys: one int per prompt naming its random stream (default:
-    its index). on_token(index, token) is called for every reply token as it comes."""
+    prompts run out; then finished rows are dropped. Prompts enter shortest first.
+    keys: one int per prompt naming its random stream (default: its index).
+    on_token(index, token) is called for every reply token as it comes."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     for i, p in enumerate(prompts):
@@ -190,7 +191,7 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
     first, logits, new_cache, u = admit(batch_size)
     cache = model.new_cache(len(first), max_len, static=static_cache)
     cache.insert(torch.arange(len(first), device=device), new_cache)
-    rows = first              # the prompt each batch row works on; None: idle (static cache, nothing waits)
+    rows = first              # the prompt each batch row works on; None: an idle row
     replies = {i: [] for i in rows}
     while any(i is not None for i in rows):
         # One token for every row, each from its own random stream at its own step.
@@ -198,19 +199,18 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
             [len(replies[i]) if i is not None else 0 for i in rows], device=device)[:, None]).squeeze(1)
         tokens = sample(logits, u_now, cfg)
         tokens_cpu = tokens.cpu()                       # the one host sync per step
-        finished = []
-        for b, (i, token, is_stop) in enumerate(zip(rows, tokens_cpu.tolist(), torch.isin(tokens_cpu, stop).tolist())):
+        is_stop = torch.isin(tokens_cpu, stop).tolist()
+        for b, (i, token, stopped) in enumerate(zip(rows, tokens_cpu.tolist(), is_stop)):
             if i is None:
                 continue
-            if not is_stop:                             # the stop id itself is not part of the reply
+            if not stopped:                             # the stop id itself is not part of the reply
                 replies[i].append(token)
                 if on_token is not None:
                     on_token(i, token)
-            if is_stop or len(replies[i]) == cfg.max_new_tokens:
+            if stopped or len(replies[i]) == cfg.max_new_tokens:
                 ids = replies.pop(i)
-                finished.append(b)
-                rows[b] = None
-                yield i, {"ids": ids, "n_tokens": len(ids), "hit_limit": not is_stop}
+                rows[b] = None                          # idle until a waiting prompt takes its place
+                yield i, {"ids": ids, "n_tokens": len(ids), "hit_limit": not stopped}
         if any(i is not None for i in rows):
             logits = decode_one_token(model, tokens, cache)  # finished rows' logits are replaced or unused
         idle = [b for b, i in enumerate(rows) if i is None]
@@ -527,7 +527,8 @@ def main(argv=None):
     p.add_argument("--data", help="stage 2: emotion source (folder, file or hub id)")
     p.add_argument("--split", default="train", help="stage 2: split of --data (default train)")
     p.add_argument("--out", help="stage 2: output jsonl; resumed if it exists")
-    p.add_argument("--batch-size", type=int, default=32, help="stage 2: rows decoded together; finished rows' places go to the next ones (default 32)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="stage 2: rows decoded together; finished rows' places go to the next ones (default 32)")
     p.add_argument("--limit", type=int, help="stage 2: only the first N rows")
     p.add_argument("--force", action="store_true", help="stage 2: resume --out even if its settings differ")
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap (default 256)")
