@@ -732,7 +732,7 @@ def main(argv=None):
     if args.worker:
         return worker_main(json.loads(args.worker))
     result = run(args)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    data.write_json(args.out, result)
     print(table(result))
     say(f"wrote {args.out}")
     return result

@@ -226,6 +226,11 @@ def write_atomic(path, content) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_json(path, obj) -> None:
+    """obj as indented JSON (one trailing newline), written atomically."""
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
 # ----------------------------------------------------------------------------- a small tokenizer
 
 # jinja templates that write exactly what Tokenizer.render writes, so that transformers'

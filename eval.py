@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import ANSWER_PREFIX, LABELS, write_atomic  # the q2ra target's last line is "Emotion: <label>"
+from data import ANSWER_PREFIX, LABELS, write_atomic, write_json  # the q2ra target's last line is "Emotion: <label>"
 
 UNPARSED = "unparsed"
 COLUMNS = (*LABELS, UNPARSED)  # confusion-matrix columns: every label, then "unparsed"
@@ -210,7 +210,7 @@ def write_report(out_dir, predictions: list[dict], meta: dict) -> dict:
         "rows_per_s": len(predictions) / wall if wall else None,
     }
     write_jsonl_atomic(out_dir / "predictions.jsonl", predictions)
-    write_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_json(out_dir / "report.json", report)
     png = plot_confusion(out_dir / "confusion_matrix.png", metrics["confusion_matrix"]["counts"])
     write_atomic(out_dir / "report.md", render_markdown(report, predictions, png))
     return report
@@ -490,7 +490,7 @@ def main(argv=None):
             print(format_comparison(result))
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+                write_json(args.out, result)
             return
         missing = [flag for flag in ("model", "task", "data", "out") if getattr(args, flag) is None]
         if missing:

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import write_atomic
+from data import write_atomic, write_json
 from model import KVCache, Llama
 
 
@@ -356,10 +356,6 @@ class JsonlAppender:
         self.file.close()
 
 
-def write_json_atomic(path, obj):
-    write_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
 def part_path(out_path, rank: int, world: int) -> Path:
     """Where a rank appends its rows: out_path itself in a single process, out_path.part-RANK under torchrun."""
     out_path = Path(out_path)
@@ -410,7 +406,7 @@ def check_meta(out_path, meta: dict, force: bool):
         if diff:
             raise ValueError(f"{out_path}: was generated with {', '.join(diff)}; "
                              f"use --force to resume it anyway, or another --out")
-    write_json_atomic(meta_path, meta)
+    write_json(meta_path, meta)
 
 
 def resolve_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:

@@ -132,7 +132,7 @@ def run_eval(settings: dict, folder: Path, cfg: PipelineConfig):
 def run_compare(settings: dict, folder: Path, cfg: PipelineConfig):
     import eval as evaluation
     result = evaluation.compare(settings["a"], settings["b"])
-    data.write_atomic(folder / "compare.json", json.dumps(result, indent=2) + "\n")
+    data.write_json(folder / "compare.json", result)
 
 
 # ----------------------------------------------------------------------------- the stage runner
@@ -186,7 +186,7 @@ def read_marker(folder: Path) -> dict | None:
 
 
 def write_marker(folder: Path, marker: dict):
-    data.write_atomic(folder / "stage.json", json.dumps(marker, indent=2) + "\n")
+    data.write_json(folder / "stage.json", marker)
 
 
 def points(x: float) -> str:
@@ -214,7 +214,7 @@ def summarize(out: Path, cfg: PipelineConfig) -> dict:
     summary = dict(reports={t: {k: reports[t][k] for k in ("accuracy", "macro_f1", "unparsed_share")}
                             for t in reports}, compare=cmp, demo=cfg.demo, markdown=markdown)
     data.write_atomic(out / "summary.md", markdown)
-    data.write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    data.write_json(out / "summary.json", summary)
     return summary
 
 

@@ -432,10 +432,6 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints and files
 
-def write_json(path: Path, obj):
-    data.write_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
 def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -571,7 +567,7 @@ def train(cfg: TrainConfig) -> Path:
     val_batches = [collate([val_set[i] for i in val_order[s:s + cfg.batch_size]], tokenizer.pad_id).to(device)
                    for s in range(0, len(val_order), cfg.batch_size)][rank::world]  # this rank's share
     if rank == 0:
-        write_json(out / "train_config.json", {
+        data.write_json(out / "train_config.json", {
             "config": asdict(cfg), "prompt_version": data.PROMPT_VERSION, "train_examples": len(train_set),
             "val_examples": len(val_set), **data_counts, "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps, "examples_per_step": cfg.batch_size * cfg.grad_accum, "ranks": world,
