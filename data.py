@@ -640,11 +640,10 @@ def iter_reasoning_gen(source, max_examples: int | None = None, skip_bad: bool =
 
 
 def _row_count(path: Path) -> int:
-    """Rows of a parquet file (from its footer, no data read) or non-empty lines of a jsonl file."""
+    """Rows of a file as _records counts them: a parquet file's from its footer, no data read."""
     if path.name.endswith(".parquet"):
         return _parquet_file(path).metadata.num_rows
-    with (gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")) as f:
-        return sum(1 for line in f if line.strip())
+    return sum(1 for _ in _records(path))
 
 
 def write_reasoning_gen_demo(folder, rows: list[dict], shards: int = 2) -> Path:
@@ -663,8 +662,6 @@ def write_reasoning_gen_demo(folder, rows: list[dict], shards: int = 2) -> Path:
     per_shard = -(-len(rows) // shards)
     for i in range(shards):
         part = rows[i * per_shard:(i + 1) * per_shard]
-        target = data / f"train-{i:05d}-of-{shards:05d}.parquet"
-        tmp = target.with_name(f".{target.name}.tmp")
-        pq.write_table(pa.table({c: [r[c] for r in part] for c in columns}), tmp)
-        os.replace(tmp, target)
+        table = pa.table({c: [r[c] for r in part] for c in columns})
+        write_atomic(data / f"train-{i:05d}-of-{shards:05d}.parquet", lambda tmp: pq.write_table(table, tmp))
     return Path(folder)

@@ -261,8 +261,8 @@ def write_demo_data(folder: Path, n_train: int, seed: int = 0) -> tuple[Path, Pa
             if rng.random() < DEMO_LABEL_NOISE:
                 label = rng.choice(labels)
             rows.append({"text": text, "label": labels.index(label)})
-        with gzip.open(emotion / "data" / f"{split}.jsonl.gz", "wt") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        jsonl = "".join(json.dumps(r) + "\n" for r in rows)
+        data.write_atomic(emotion / "data" / f"{split}.jsonl.gz", gzip.compress(jsonl.encode("utf-8")))
     rgen_rows = []
     for _ in range(n_train):
         label = rng.choice(labels)
