@@ -40,11 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from data import write_atomic, write_json
 from model import KVCache, Llama
+from train import all_sum, barrier, distributed, rank_and_world
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -450,8 +450,7 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    barrier = dist.barrier if dist.is_initialized() else lambda: None
+    rank, world = rank_and_world()
     device, dtype = resolve_device_dtype(device, dtype)
     local = Path(model_dir).expanduser()
     meta = {"model": str(local.resolve()) if local.is_dir() else str(model_dir), "task": "rgen",
@@ -462,10 +461,9 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
         merge_parts(out_path)  # the rows an interrupted run left in part files, whatever its rank count
     barrier()                  # all read the merged file, before any writes
     done = done_ids(out_path)
-    # Similar lengths share a batch (little padding); the prompt is a fixed template around the
-    # text, so the text's length orders the prompts. A stable sort: a resumed run meets the
-    # remaining rows in the same batches as an uninterrupted one. Every rank sorts the same
-    # rows, and dealing them out in turn gives each rank the same mix of lengths.
+    # The prompt is a fixed template around the text, so the text's length orders the prompts.
+    # Every rank sorts the same rows, and dealing them out in turn gives each rank the same mix
+    # of lengths.
     todo = sorted((row for row in rows if row["id"] not in done), key=lambda row: len(row["text"]))
     mine, part = todo[rank::world], part_path(out_path, rank, world)
 
@@ -491,9 +489,8 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
     bar.close()
     if world > 1:
         counts = ("rows", "tokens", "hit_limit", "empty")
-        totals = torch.tensor([summary[k] for k in counts], dtype=torch.float64, device=device)
-        dist.all_reduce(totals)  # also waits for every rank to finish its part
-        summary.update({k: int(v) for k, v in zip(counts, totals.tolist())})
+        totals = all_sum([summary[k] for k in counts], device)  # also waits for every rank to finish its part
+        summary.update({k: int(v) for k, v in zip(counts, totals)})
         if rank == 0:
             merge_parts(out_path)
         barrier()              # the merged file is whole when any rank returns
@@ -542,8 +539,7 @@ def main(argv=None):
         if args.task:
             if not args.data or not args.out:
                 p.error("--task rgen needs --data and --out")
-            from train import distributed  # joins torchrun's process group, if launched by torchrun
-            with distributed(args.device or "") as device:
+            with distributed(args.device or "") as device:  # joins torchrun's group, if launched by it
                 augment(args.model, args.data, args.split, args.out, cfg, args.batch_size, args.limit,
                         args.force, device, args.dtype, compile=args.compile)
         else:
