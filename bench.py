@@ -376,18 +376,15 @@ def train_step_fn(model, spec: dict):
     is_target = torch.zeros(B, T, dtype=torch.bool)
     is_target[:, T - max(1, round(spec["target_frac"] * T)):] = True
     cfg = train.TrainConfig(task="q2a", data="-", out="-", dtype=spec["dtype"], grad_checkpointing=spec["ckpt"])
+    # Both sides: train.py's AdamW, fused (also the Trainer's default, adamw_torch_fused), decay on matrices only.
+    optimizer = train.build_optimizer(model, cfg, torch.device(device))
     if spec["side"] == "ours":
         model.gradient_checkpointing = spec["ckpt"]
-        optimizer = train.build_optimizer(model, cfg, torch.device(device))
         batch = train.collate([train.Example(row, mask) for row, mask in zip(ids, is_target)], pad_id=0).to(device)
         return lambda: train.train_step(model, optimizer, [batch], cfg.lr, cfg)[0]
 
     if spec["ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # the Trainer's default, adamw_torch_fused
     input_ids, labels = ids.to(device), ids.masked_fill(~is_target, -100).to(device)
 
     def step():
