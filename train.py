@@ -87,7 +87,7 @@ class TrainConfig:
                               "spread evenly over the whole set")
     val_examples: int = _f(500, "validation examples: the first N of the emotion 'validation' split when it "
                            "exists, else N held out from the training rows, at most a tenth of them (a seeded "
-                           "random slice; rgen: the first rows of the stream, read on top of --max-examples). "
+                           "random slice; rgen: every k-th of the rows read, which are --max-examples plus these). "
                            "0: no validation, best/ = the final model")
     val_data: str = _f("", "q2a/q2ra: take the validation rows from here instead (an emotion source, or a "
                            "stage-2 jsonl for q2ra), so that every training row is trained on")
