@@ -154,7 +154,7 @@ def prepare(args, folder: Path) -> tuple[Path, data.Tokenizer]:
         for name, p in model.named_parameters():  # do (not one token repeated), so stop ids can end them
             if p.dim() == 2 and not name.startswith("embed_tokens"):
                 p.normal_(0.0, 0.05)
-    model.save_pretrained(folder / "model", tokenizer_dir=folder / "tok")
+    model.save_pretrained(folder / "model", tokenizer.serving_files())
     return folder / "model", data.Tokenizer.from_dir(folder / "model")
 
 

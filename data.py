@@ -7,7 +7,9 @@
                          label) and q2ra (text -> reasoning, then "Emotion: <label>")
     read_emotion ...     dair-ai/emotion in its hub layouts, syvai/reasoning-gen streamed shard by
                          shard, and stage 2's augmented jsonl
-    encode_example       one training example: ids, target mask, truncation flag
+    encode_example       one training example: ids, target mask, and how it was fitted to the
+                         length limit (a classifier never loses its label)
+    reply_budget         the max_new_tokens that a task's replies need, end-of-turn included
 
 Chat formats. render() writes the format itself instead of running the checkpoint's jinja
 template, so that the mask is exact: text between special tokens is encoded the way the
@@ -46,6 +48,7 @@ import os
 import re
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -83,14 +86,13 @@ class Tokenizer:
     def __init__(self, folder):
         folder = Path(folder)
         self.folder = folder
-        self.files = {}  # the original bytes, so that save() copies them unchanged
         for name in TOKENIZER_FILES:
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name}: no such file (a tokenizer folder needs "
                                         f"{' and '.join(TOKENIZER_FILES)})")
-            self.files[name] = (folder / name).read_bytes()
+        self.tokenizer_json = (folder / "tokenizer.json").read_bytes()  # saved unchanged with every checkpoint
         try:
-            self.tk = tokenizers.Tokenizer.from_str(self.files["tokenizer.json"].decode("utf-8"))
+            self.tk = tokenizers.Tokenizer.from_str(self.tokenizer_json.decode("utf-8"))
         except Exception as e:  # tokenizers raises its own exception type
             raise ValueError(f"{folder / 'tokenizer.json'}: not a valid tokenizer ({e})") from None
         self.config = _read_json(folder / "tokenizer_config.json")
@@ -189,11 +191,26 @@ class Tokenizer:
                 text("assistant\n")
         return ids, mask
 
-    def save(self, out_dir) -> Path:
-        """Write tokenizer.json + tokenizer_config.json to out_dir, byte for byte as loaded."""
+    def serving_files(self, max_new_tokens: int | None = None) -> dict[str, str | bytes]:
+        """The files a checkpoint carries so that any server feeds it the prompts it was trained
+        on: tokenizer.json as loaded; tokenizer_config.json with a chat_template that writes
+        exactly what render() writes (replacing the base model's, which for Llama 3.2 adds the
+        date lines we never train with); generation_config.json with every stop id as
+        eos_token_id, greedy decoding and, when given, the reply budget as max_new_tokens."""
+        config = {**self.config, "chat_template": CHAT_TEMPLATES[self.chat_format]}
+        generation = {"bos_token_id": self.bos_id, "eos_token_id": sorted(self.stop_ids),
+                      "pad_token_id": self.pad_id, "do_sample": False}
+        if max_new_tokens is not None:
+            generation["max_new_tokens"] = max_new_tokens
+        return {"tokenizer.json": self.tokenizer_json,
+                "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                "generation_config.json": json.dumps(generation, indent=2) + "\n"}
+
+    def save(self, out_dir, max_new_tokens: int | None = None) -> Path:
+        """Write serving_files() to out_dir."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name, content in self.files.items():
+        for name, content in self.serving_files(max_new_tokens).items():
             write_atomic(out_dir / name, content)
         return out_dir
 
@@ -234,9 +251,10 @@ def write_json(path, obj) -> None:
 # ----------------------------------------------------------------------------- a small tokenizer
 
 # jinja templates that write exactly what Tokenizer.render writes, so that transformers'
-# apply_chat_template gives the same ids for the tokenizers built below
+# apply_chat_template (and the chat endpoints of serving engines) give the same ids: every
+# checkpoint we save carries its format's template (Tokenizer.serving_files)
 CHAT_TEMPLATES = {
-    "llama3": ("{{- bos_token }}{%- for message in messages %}"
+    "llama3": ("{{- '<|begin_of_text|>' }}{%- for message in messages %}"
                "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + (message['content'] | trim)"
                " + '<|eot_id|>' }}{%- endfor %}"
                "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"),
@@ -298,6 +316,7 @@ LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]  # dair-ai/emot
 TASKS = ("rgen", "q2a", "q2ra")
 ANSWER_PREFIX = "Emotion:"  # q2ra's last line is exactly "Emotion: <label>"; eval.py parses it
 PROMPT_VERSION = "v1"       # bump whenever a wording below changes: trained models depend on it
+DEFAULT_REASONING_TOKENS = 256  # stage 2's cap on a reasoning's length (new tokens)
 
 RGEN_PROMPT = ("Write the reasoning that leads from the question to the answer.\n\n"
                "Question: {question}\n\nAnswer: {answer}")
@@ -344,7 +363,7 @@ def target_text(task: str, row: dict) -> str:
     if task == "q2a":
         return _label(row)
     if task == "q2ra":
-        return f"{_field(row, 'reasoning').strip()}\n{ANSWER_PREFIX} {_label(row)}"
+        return f"{_field(row, 'reasoning').strip()}\n{answer_line(_label(row))}"
     raise ValueError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
 
 
@@ -352,11 +371,49 @@ def example_messages(task: str, row: dict) -> list[dict]:
     return prompt_messages(task, row) + [{"role": "assistant", "content": target_text(task, row)}]
 
 
-def encode_example(tokenizer: Tokenizer, messages: list[dict], max_seq_len: int) -> dict:
-    """ids and target mask of one training conversation, cut from the right to max_seq_len
-    (a cut example may have lost its end-of-turn token or its whole reply: the caller decides)."""
-    ids, mask = tokenizer.render(messages)
-    return {"input_ids": ids[:max_seq_len], "target_mask": mask[:max_seq_len], "truncated": len(ids) > max_seq_len}
+def encode_example(tokenizer: Tokenizer, task: str, row: dict, max_seq_len: int) -> dict:
+    """ids and target mask of one training example, at most max_seq_len tokens, and how it was
+    made to fit: "whole"; "cut" (rgen: cut from the right, the reasoning loses its end);
+    "shortened" (q2ra: the reasoning loses its last tokens, so that the answer line and the
+    end-of-turn token stay); "dropped" (a classifier whose label cannot stay: ids are empty).
+    A classifier never trains on a reply cut before its label: it would learn not to answer."""
+    ids, mask = tokenizer.render(example_messages(task, row))
+    if len(ids) <= max_seq_len:
+        return {"input_ids": ids, "target_mask": mask, "fit": "whole"}
+    if task == "rgen":
+        fit = "cut" if any(mask[:max_seq_len]) else "dropped"
+        return {"input_ids": ids[:max_seq_len], "target_mask": mask[:max_seq_len], "fit": fit}
+    if task == "q2ra":
+        reasoning = tokenizer.encode(_field(row, "reasoning").strip())
+        keep = len(reasoning) - (len(ids) - max_seq_len)
+        while keep > 0:  # re-encoding the shortened text can merge tokens differently: check, retry
+            shorter = tokenizer.decode(reasoning[:keep]).strip()
+            if not shorter:
+                break
+            ids, mask = tokenizer.render(example_messages(task, {**row, "reasoning": shorter}))
+            if len(ids) <= max_seq_len:
+                return {"input_ids": ids, "target_mask": mask, "fit": "shortened"}
+            keep -= len(ids) - max_seq_len
+    return {"input_ids": [], "target_mask": [], "fit": "dropped"}
+
+
+def answer_line(label: str) -> str:
+    """The q2ra target's last line."""
+    return f"{ANSWER_PREFIX} {label}"
+
+
+def reply_budget(tokenizer: Tokenizer, task: str, reasoning_tokens: int = DEFAULT_REASONING_TOKENS) -> int:
+    """max_new_tokens that a reply of `task` needs, its end-of-turn token included, so that a
+    model that reproduces its training targets is never cut off: q2ra, the stage-2 reasoning
+    cap (reasoning_tokens) plus the longest answer line; q2a, the longest label; rgen, the
+    reasoning cap."""
+    if task == "rgen":
+        return reasoning_tokens
+    if task == "q2a":  # room for a few words around the label, as a stray "Emotion: joy."
+        return max(8, 1 + max(len(tokenizer.encode(label)) for label in LABELS))
+    if task == "q2ra":
+        return reasoning_tokens + 1 + max(len(tokenizer.encode("\n" + answer_line(label))) for label in LABELS)
+    raise ValueError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
 
 
 # ----------------------------------------------------------------------------- readers
@@ -364,6 +421,7 @@ def encode_example(tokenizer: Tokenizer, messages: list[dict], max_seq_len: int)
 class Rows(list):
     """A list of rows; `skipped` counts the bad rows that skip_bad=True left out."""
     skipped = 0
+    settings: dict = {}  # read_augmented: stage 2's settings
 
 
 class RowStream:
@@ -565,14 +623,23 @@ def read_emotion(source, split: str, skip_bad: bool = False) -> Rows:
 
 
 def read_augmented(path, skip_bad: bool = False) -> Rows:
-    """Stage 2's output: jsonl rows {id, text, label, reasoning, ...}, every field kept, label as a name."""
+    """Stage 2's output: jsonl rows {id, text, label, reasoning, ...}, every field kept, label as
+    a name; `settings` holds what stage 2 ran with (its sidecar, see settings_path; {} without)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
 
     def parse(record, index):
         return _emotion_row(record, index, extra=("reasoning",))
-    return _collect(RowStream(_parse_files([path], lambda file: (parse, None), skip_bad)))
+    rows = _collect(RowStream(_parse_files([path], lambda file: (parse, None), skip_bad)))
+    rows.settings = _read_json(settings_path(path)) if settings_path(path).is_file() else {}
+    return rows
+
+
+def settings_path(jsonl) -> Path:
+    """Where stage 2 records the settings of an output file: OUT.jsonl -> OUT.jsonl.meta.json."""
+    jsonl = Path(jsonl)
+    return jsonl.with_name(jsonl.name + ".meta.json")
 
 
 # ----------------------------------------------------------------------------- reasoning-gen
@@ -597,17 +664,34 @@ def _rgen_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no .parquet or .jsonl files here")
 
 
-def _rgen_parser(file: Path):
-    """The row parser for one reasoning-gen file and the columns it reads, from the file's columns."""
+def parse_rgen_columns(spec: str) -> dict[str, str]:
+    """"question=COL,answer=COL,reasoning=COL" (any of the three roles) as {role: column}."""
+    columns = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        role, _, column = part.partition("=")
+        if role.strip() not in RGEN_COLUMNS or not column.strip():
+            raise ValueError(f"--rgen-columns: '{part}' is not ROLE=COLUMN with ROLE one of {', '.join(RGEN_COLUMNS)}")
+        columns[role.strip()] = column.strip()
+    return columns
+
+
+def _rgen_parser(file: Path, chosen: dict[str, str]):
+    """The row parser for one reasoning-gen file and the columns it reads: the columns chosen
+    by role (--rgen-columns), else the first alias of each role among the file's columns."""
     found = _columns(file)
     if found is None:  # jsonl: the first record's keys
         found = next((list(record) for _, record in _records(file) if record is not None), [])
     by_lower = {name.lower(): name for name in found}
-    columns = {role: next((by_lower[a] for a in aliases if a in by_lower), None) for role, aliases in RGEN_COLUMNS.items()}
+    columns = {role: chosen.get(role) or next((by_lower[a] for a in aliases if a in by_lower), None)
+               for role, aliases in RGEN_COLUMNS.items()}
+    for role, column in chosen.items():
+        if column not in found:
+            raise ValueError(f"{file}: no column '{column}' for {role} (found: {', '.join(found) or 'none'})")
     missing = [role for role, column in columns.items() if column is None]
     if missing:
         raise ValueError(f"{file}: no column for {', '.join(missing)} (found: {', '.join(found) or 'none'}; "
-                         f"accepted: {'; '.join('/'.join(a) for a in RGEN_COLUMNS.values())})")
+                         f"accepted: {'; '.join('/'.join(a) for a in RGEN_COLUMNS.values())}; name them with "
+                         f"--rgen-columns question=COL,answer=COL,reasoning=COL)")
     id_column = by_lower.get("id")
 
     def parse(record, index):
@@ -622,13 +706,14 @@ def _rgen_parser(file: Path):
     return parse, list(columns.values()) + ([id_column] if id_column else [])
 
 
-def iter_reasoning_gen(source, max_examples: int | None = None, skip_bad: bool = False) -> RowStream:
+def iter_reasoning_gen(source, max_examples: int | None = None, skip_bad: bool = False,
+                       columns: dict[str, str] | None = None) -> RowStream:
     """syvai/reasoning-gen rows {id, question, answer, reasoning}, streamed shard by shard and
     batch by batch (the real set is ~350k rows of math, code and science in ~215 MB parquet
     shards). max_examples: that many rows spread evenly over all shards (rows i * total // n),
     not the first ones, which would all come from one part of the set if its shards are grouped
     by domain. source: folder, file or hub id. id is the file's id column, else the row's index
-    over all shards."""
+    over all shards. columns: {role: column name} for roles whose column has no known alias."""
     files = _rgen_files(_local_or_download(source))
     wanted = None
     if max_examples:
@@ -636,7 +721,7 @@ def iter_reasoning_gen(source, max_examples: int | None = None, skip_bad: bool =
         if total > max_examples:
             picked = {i * total // max_examples for i in range(max_examples)}
             wanted = picked.__contains__
-    return RowStream(_parse_files(files, _rgen_parser, skip_bad, wanted), max_examples)
+    return RowStream(_parse_files(files, partial(_rgen_parser, chosen=columns or {}), skip_bad, wanted), max_examples)
 
 
 def _row_count(path: Path) -> int:

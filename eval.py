@@ -38,7 +38,7 @@ from data import ANSWER_PREFIX, LABELS, write_atomic, write_json  # the q2ra tar
 
 UNPARSED = "unparsed"
 COLUMNS = (*LABELS, UNPARSED)  # confusion-matrix columns: every label, then "unparsed"
-MAX_NEW_TOKENS = {"q2a": 8, "q2ra": 256}  # the default reply budget per task
+TASKS = ("q2a", "q2ra")  # the classifiers
 N_EXAMPLES = 3  # replies shown in report.md, for correct and for wrong predictions
 
 # ----------------------------------------------------------------------------- parsing
@@ -46,9 +46,11 @@ N_EXAMPLES = 3  # replies shown in report.md, for correct and for wrong predicti
 # A label as a whole word: not inside a longer word ("joyful"), but markdown, quotes and
 # punctuation around it are fine ("**joy**", "'joy'", "_joy_", "joy.").
 LABEL_RE = re.compile(r"(?<![a-z])(" + "|".join(LABELS) + r")(?![a-z])", re.IGNORECASE)
-# "Emotion:" and the rest of its line ("." stops at a newline); "**Emotion:**" is accepted too.
-ANSWER_RE = re.compile(r"(?<![a-z])" + re.escape(ANSWER_PREFIX.rstrip(":")) + r"[*_ \t]*:(.*)",
-                       re.IGNORECASE)
+# An answer line: "Emotion:" at the start of the line, then one label and nothing else; markdown
+# ("**Emotion:** Joy"), quotes and closing punctuation around them are fine.
+ANSWER_RE = re.compile(r"[*_ \t]*" + re.escape(ANSWER_PREFIX.rstrip(":")) + r"[*_ \t]*:[*_ \t]*"
+                       r"[\"'`]?(" + "|".join(LABELS) + r")[\"'`]?[*_.!]*", re.IGNORECASE)
+SPECIAL_TOKEN_RE = re.compile(r"<\|[a-z_]+\|>")  # "<|eot_id|>" where a reply was decoded with special tokens
 
 
 def parse_label(task: str, text: str) -> str:
@@ -56,14 +58,16 @@ def parse_label(task: str, text: str) -> str:
 
     q2a: the reply must name exactly one label ("Joy", " joy.", "**joy**", "Emotion: joy");
     naming none or two different ones is unparsed.
-    q2ra: only the last "Emotion: <label>" line counts, read the same way. Without one, the
-    reply is unparsed: label words inside the reasoning are not an answer.
+    q2ra: only the last non-empty line counts, and it must be an answer line ("Emotion: joy").
+    A reply cut off mid-reasoning, or one that goes on after its answer line, is unparsed: label
+    words inside the reasoning are not an answer.
     """
     if task == "q2a":
         return _single_label(text)
     if task == "q2ra":
-        answers = ANSWER_RE.findall(text)
-        return _single_label(answers[-1]) if answers else UNPARSED
+        lines = [line for line in SPECIAL_TOKEN_RE.sub("", text).splitlines() if line.strip()]
+        answer = ANSWER_RE.fullmatch(lines[-1].strip()) if lines else None
+        return answer.group(1).lower() if answer else UNPARSED
     raise ValueError(f"task '{task}' has no label to parse (expected q2a or q2ra)")
 
 
@@ -196,16 +200,21 @@ def read_predictions(path) -> list[dict]:
 def write_report(out_dir, predictions: list[dict], meta: dict) -> dict:
     """Write predictions.jsonl, report.json, report.md and confusion_matrix.png (if matplotlib
     is installed) to out_dir; return the report. `predictions` rows hold id, text, gold,
-    predicted, raw, n_tokens; `meta` describes the run (task, model, data, split, scoring,
+    predicted, raw, n_tokens, hit_limit (the reply reached max_new_tokens); `meta` describes the run (task, model, data, split, scoring,
     wall_time_s, ...) and is copied into the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = classification_metrics([p["gold"] for p in predictions], [p["predicted"] for p in predictions])
     generated = meta.get("scoring", "generate") == "generate"  # logprob scoring generates nothing
     wall = meta.get("wall_time_s")
+    unparsed = [p for p in predictions if p["predicted"] == UNPARSED]
     report = {
         **meta,
         **metrics,
+        # Unparsed replies of two kinds: cut off by the budget, or ended without an answer line.
+        "hit_limit": sum(bool(p.get("hit_limit")) for p in predictions) if generated else None,
+        "unparsed_cut_off": sum(bool(p.get("hit_limit")) for p in unparsed),
+        "unparsed_no_answer": sum(not p.get("hit_limit") for p in unparsed),
         "mean_new_tokens": float(np.mean([p["n_tokens"] for p in predictions])) if generated else None,
         "rows_per_s": len(predictions) / wall if wall else None,
     }
@@ -254,7 +263,8 @@ def render_markdown(report: dict, predictions: list[dict], png: bool) -> str:
         f"| examples | {r['n']} |",
         f"| accuracy | {r['accuracy']:.4f} |",
         f"| macro-F1 | {r['macro_f1']:.4f} |",
-        f"| unparsed share | {r['unparsed_share']:.2%} |",
+        f"| unparsed share | {r['unparsed_share']:.2%} ({r['unparsed_cut_off']} cut off by max_new_tokens, "
+        f"{r['unparsed_no_answer']} ended without an answer) |",
         f"| mean generated length (tokens) | {mean_tokens} |",
     ]
     if r.get("hit_limit") is not None:
@@ -287,8 +297,9 @@ def render_markdown(report: dict, predictions: list[dict], png: bool) -> str:
 def scoring_text(report: dict) -> str:
     if report.get("scoring") == "logprob":
         return "logprob (highest log-probability of the six label replies; never unparsed)"
-    budget = report.get("max_new_tokens")
-    return "generate (greedy" + (f", max_new_tokens={budget}" if budget else "") + ")"
+    budget, source = report.get("max_new_tokens"), report.get("max_new_tokens_from")
+    return ("generate (greedy" + (f", max_new_tokens={budget}" if budget else "")
+            + (f" from {source}" if source else "") + ")")
 
 
 def fenced(text: str, max_chars: int = 1500) -> list[str]:
@@ -357,13 +368,13 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
     """Predict every example of `data`'s `split` with the model in model_dir, write
     predictions and report to out_dir, and return the report.
 
-    scoring="generate": greedy replies of up to max_new_tokens (default 8 for q2a, 256 for
-    q2ra), parsed with parse_label. scoring="logprob" (q2a only): the most likely label reply.
+    scoring="generate": greedy replies of up to max_new_tokens (default: reply_budget), parsed
+    with parse_label. scoring="logprob" (q2a only): the most likely label reply.
     device defaults to cuda when available; dtype (bf16, fp32, fp16 or a torch.dtype) to bf16 on cuda, fp32 on cpu.
     compile: generate with a torch.compile'd decode step (generate.compile_decode).
     Files already in out_dir (default runs/eval) are replaced.
     """
-    if task not in MAX_NEW_TOKENS:
+    if task not in TASKS:
         raise ValueError(f"task '{task}' cannot be evaluated (expected q2a or q2ra)")
     if scoring not in ("generate", "logprob"):
         raise ValueError(f"scoring '{scoring}' is not generate or logprob")
@@ -388,25 +399,39 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
         from generate import SamplingConfig, compile_decode, generate
         if compile:
             compile_decode(device)
-        max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
+        budget_from = "--max-new-tokens" if max_new_tokens else None
+        if not max_new_tokens:
+            max_new_tokens, budget_from = reply_budget(tokenizer, task)
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
         outputs = generate(model, tokenizer, conversations, cfg, batch_size=batch_size, progress=True)
-        hit_limit = sum(bool(o["hit_limit"]) for o in outputs)
     else:
-        max_new_tokens, hit_limit = None, None
-        outputs = [{"text": label, "n_tokens": 0} for label in
+        max_new_tokens, budget_from = None, None
+        outputs = [{"text": label, "n_tokens": 0, "hit_limit": False} for label in
                    score_labels(model, tokenizer, conversations, batch_size)]
     wall_s = time.perf_counter() - t0
 
     predictions = [{"id": row["id"], "text": row["text"], "gold": row["label"],
-                    "predicted": parse_label(task, out["text"]), "raw": out["text"], "n_tokens": out["n_tokens"]}
+                    "predicted": parse_label(task, out["text"]), "raw": out["text"], "n_tokens": out["n_tokens"],
+                    "hit_limit": bool(out["hit_limit"])}
                    for row, out in zip(rows, outputs)]
     meta = {"task": task, "model": str(model_dir), "data": str(data), "split": split, "limit": limit,
-            "scoring": scoring, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-            "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-            "prompt_version": getattr(data_module, "PROMPT_VERSION", None), "hit_limit": hit_limit,
+            "scoring": scoring, "max_new_tokens": max_new_tokens, "max_new_tokens_from": budget_from,
+            "batch_size": batch_size, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "prompt_version": getattr(data_module, "PROMPT_VERSION", None),
             "load_time_s": load_s, "wall_time_s": wall_s}
     return write_report(out_dir, predictions, meta)
+
+
+def reply_budget(tokenizer, task: str) -> tuple[int, str]:
+    """The default max_new_tokens and where it comes from: the checkpoint's generation_config.json,
+    where train.py records the longest reply its training targets allow (for q2ra, stage 2's
+    reasoning cap plus the answer line), else data.reply_budget with stage 2's default cap."""
+    import data as data_module
+    config = tokenizer.folder / "generation_config.json"  # the checkpoint's folder
+    budget = json.loads(config.read_text()).get("max_new_tokens") if config.is_file() else None
+    if budget:
+        return budget, str(config)
+    return data_module.reply_budget(tokenizer, task), f"the {task} default (data.reply_budget)"
 
 
 def score_labels(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> list[str]:
@@ -468,14 +493,16 @@ def main(argv=None):
                    help="compare two predictions.jsonl files of the same examples (difference B - A) "
                         "instead of evaluating a model")
     p.add_argument("--model", help="checkpoint folder (or hub id) with config.json, safetensors and tokenizer")
-    p.add_argument("--task", choices=sorted(MAX_NEW_TOKENS), help="q2a: label only; q2ra: reasoning, then label")
+    p.add_argument("--task", choices=TASKS, help="q2a: label only; q2ra: reasoning, then label")
     p.add_argument("--data", help="dair-ai/emotion source: folder, file or hub id")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", help="output folder (evaluation), or JSON file for the result (--compare, optional)")
     p.add_argument("--limit", type=int, help="evaluate only the first N rows")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (default: 32)")
     p.add_argument("--max-new-tokens", type=int,
-                   help=f"reply budget (default: {MAX_NEW_TOKENS['q2a']} for q2a, {MAX_NEW_TOKENS['q2ra']} for q2ra)")
+                   help="reply budget (default: the checkpoint's generation_config.json max_new_tokens, which "
+                        "train.py sets to cover its longest training reply: for q2ra stage 2's reasoning cap "
+                        "plus the answer line; without one, 8 for q2a and 256 + the answer line for q2ra)")
     p.add_argument("--scoring", choices=["generate", "logprob"], default="generate",
                    help="generate: parse greedy replies (default); logprob: most likely label reply (q2a only)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")

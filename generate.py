@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import write_atomic, write_json
+from data import DEFAULT_REASONING_TOKENS, settings_path, write_atomic, write_json
 from model import KVCache, Llama
 from train import all_sum, barrier, distributed, rank_and_world
 
@@ -51,7 +51,7 @@ from train import all_sum, barrier, distributed, rank_and_world
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_REASONING_TOKENS
     temperature: float = 0.0   # 0 = greedy (argmax)
     top_k: int = 0             # keep the k most likely tokens; 0 = off (1 = greedy)
     top_p: float = 1.0         # keep the smallest set of tokens with this much mass; 1.0 = off
@@ -393,7 +393,7 @@ def check_meta(out_path, meta: dict, force: bool):
     """Refuse to resume out_path (or its part files) with other settings than those in its
     sidecar, unless force; then (re)write the sidecar."""
     out_path = Path(out_path)
-    meta_path = out_path.with_name(out_path.name + ".meta.json")
+    meta_path = settings_path(out_path)
     if (out_path.exists() or part_files(out_path)) and not force:
         if not meta_path.is_file():
             raise ValueError(f"{out_path}: exists without {meta_path.name}, so its settings are unknown; "
@@ -440,6 +440,7 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     source = data if rows is None else "rows"
+    local_source = Path(str(source)).expanduser()
     rows = data_lib.read_emotion(data, split) if rows is None else rows
     rows = rows[:limit] if limit else rows
     seen = set()
@@ -453,7 +454,9 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
     rank, world = rank_and_world()
     device, dtype = resolve_device_dtype(device, dtype)
     local = Path(model_dir).expanduser()
+    # The source and split too: ids 0..1999 exist in the train split and in the validation split.
     meta = {"model": str(local.resolve()) if local.is_dir() else str(model_dir), "task": "rgen",
+            "data": str(local_source.resolve()) if local_source.exists() else str(source), "split": split,
             "prompt_version": data_lib.PROMPT_VERSION, **asdict(cfg)}
     check_meta(out_path, meta, force)  # on every rank, so that all stop alike on a refusal
     barrier()                  # all checked the files as they were
@@ -508,7 +511,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         description="Chat with a model (--prompt, reply streamed) or run stage 2 (--task rgen: "
                     "a reasoning for every emotion row, written to --out as resumable jsonl).",
-        epilog="Defaults are greedy decoding (deterministic, reproducible) and max_new_tokens 256, "
+        epilog=f"Defaults are greedy decoding (deterministic, reproducible) and max_new_tokens "
+               f"{SamplingConfig.max_new_tokens}, "
                "the stage-2 settings. Rerun a stage-2 command to resume it. Stage 2 runs on N GPUs as "
                "'torchrun --nproc-per-node N generate.py --task rgen ...': each rank writes OUT.part-RANK, "
                "merged into OUT at the end; a rerun resumes on any number of ranks.")
@@ -524,7 +528,8 @@ def main(argv=None):
                    help="stage 2: rows decoded together; finished rows' places go to the next ones (default 32)")
     p.add_argument("--limit", type=int, help="stage 2: only the first N rows")
     p.add_argument("--force", action="store_true", help="stage 2: resume --out even if its settings differ")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap (default 256)")
+    p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens,
+                   help=f"reply length cap (default {SamplingConfig.max_new_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")

@@ -407,9 +407,10 @@ class Llama(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight  # assign replaced the tied parameter
         return model.to(device)  # moves the fp32 rope table; the weights are already there
 
-    def save_pretrained(self, out_dir, tokenizer_dir=None, max_shard_bytes=5 * 2**30):
-        """Write config.json + safetensors (sharded above max_shard_bytes) in HF names, plus the
-        tokenizer files from tokenizer_dir. Atomic: written to a temporary folder, then renamed."""
+    def save_pretrained(self, out_dir, files: dict | None = None, max_shard_bytes=5 * 2**30):
+        """Write config.json + safetensors (sharded above max_shard_bytes) in HF names, plus
+        `files` (name -> str or bytes: the tokenizer's, see data.Tokenizer.serving_files).
+        Atomic: written to a temporary folder, then renamed."""
         out_dir = Path(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -420,10 +421,8 @@ class Llama(nn.Module):
             state = {hf_name(n): t.detach().contiguous().cpu() for n, t in self.state_dict().items()
                      if not (self.config.tie_word_embeddings and n == "lm_head.weight")}
             write_safetensors(tmp, state, max_shard_bytes)
-            if tokenizer_dir is not None:
-                for name in TOKENIZER_FILES:
-                    if (Path(tokenizer_dir) / name).is_file():
-                        shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+            for name, content in (files or {}).items():
+                (tmp / name).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
             replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -480,10 +479,6 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------- checkpoint files
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
-
 
 def hf_name(name: str) -> str:
     """Our parameter name -> HF's: every tensor except the head lives under 'model.'."""

@@ -43,6 +43,8 @@ class PipelineConfig:
     base_model: str = field(default="meta-llama/Llama-3.2-1B-Instruct",
                             metadata={"help": "checkpoint folder or hub id every model starts from"})
     rgen_data: str = field(default="syvai/reasoning-gen", metadata={"help": "stage-1 data: folder or hub id"})
+    rgen_columns: str = field(default="", metadata={"help": "stage-1 columns whose names are none of the known "
+                                                    "aliases: question=COL,answer=COL,reasoning=COL"})
     emotion_data: str = field(default="dair-ai/emotion", metadata={"help": "emotion data: folder, file or hub id"})
     rgen_examples: int = field(default=20_000, metadata={"help": "stage-1 subset of reasoning-gen rows"})
     rgen_epochs: int = field(default=1, metadata={"help": "stage-1 epochs"})
@@ -52,9 +54,13 @@ class PipelineConfig:
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate of every fine-tune"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
-    augment_max_new_tokens: int = field(default=256, metadata={"help": "stage-2 reasoning length cap"})
+    augment_max_new_tokens: int = field(default=data.DEFAULT_REASONING_TOKENS,
+                                        metadata={"help": "stage-2 reasoning length cap"})
     gen_batch_size: int = field(default=128, metadata={"help": "rows per generation batch (stages 2 and 4)"})
     eval_limit: int = field(default=0, metadata={"help": "evaluate on the first N test rows (0: all 2,000)"})
+    eval_max_new_tokens: int = field(default=0, metadata={"help": "stage-4 reply budget (0: each checkpoint's "
+                                                          "own, which covers its longest training reply: for "
+                                                          "q2ra the stage-2 cap plus the answer line)"})
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
     dtype: str = field(default="bf16", metadata={"help": "bf16 or fp32 (training keeps fp32 master weights)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training blocks and the decode "
@@ -77,8 +83,8 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
     augmented_val = out / "augment" / "validation.jsonl"
     return [
         dict(name="rgen", inputs=[], run=run_train,
-             settings=dict(train_common, task="rgen", data=cfg.rgen_data, max_examples=cfg.rgen_examples,
-                           epochs=cfg.rgen_epochs, max_seq_len=cfg.rgen_max_seq_len)),
+             settings=dict(train_common, task="rgen", data=cfg.rgen_data, rgen_columns=cfg.rgen_columns,
+                           max_examples=cfg.rgen_examples, epochs=cfg.rgen_epochs, max_seq_len=cfg.rgen_max_seq_len)),
         # The training split, and the validation rows that q2ra checks its loss on.
         dict(name="augment", inputs=["rgen"], run=run_augment,
              settings=dict(model=str(out / "rgen" / "best"), data=cfg.emotion_data,
@@ -96,10 +102,12 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
                            max_seq_len=cfg.cls_max_seq_len)),
         dict(name="eval_q2a", inputs=["q2a"], run=run_eval,
              settings=dict(model=str(out / "q2a" / "best"), task="q2a", data=cfg.emotion_data, split="test",
-                           limit=cfg.eval_limit or None, dtype=cfg.dtype)),
+                           limit=cfg.eval_limit or None, max_new_tokens=cfg.eval_max_new_tokens or None,
+                           dtype=cfg.dtype)),
         dict(name="eval_q2ra", inputs=["q2ra"], run=run_eval,
              settings=dict(model=str(out / "q2ra" / "best"), task="q2ra", data=cfg.emotion_data, split="test",
-                           limit=cfg.eval_limit or None, dtype=cfg.dtype)),
+                           limit=cfg.eval_limit or None, max_new_tokens=cfg.eval_max_new_tokens or None,
+                           dtype=cfg.dtype)),
         dict(name="compare", inputs=["eval_q2a", "eval_q2ra"], run=run_compare,
              settings=dict(a=str(out / "eval_q2a" / "predictions.jsonl"),
                            b=str(out / "eval_q2ra" / "predictions.jsonl"))),
@@ -108,7 +116,8 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
 
 def run_train(settings: dict, folder: Path, cfg: PipelineConfig):
     import train
-    resume = (folder / "last" / "train_state.pt").is_file()  # an interrupted run continues
+    # An interrupted run continues (also one stopped between the two renames of a save: train.recover_last).
+    resume = any(folder.glob("last/train_state.pt")) or any(folder.glob(".last.old-*/train_state.pt"))
     train.train(train.TrainConfig(**settings, out=str(folder), device=cfg.device, compile=cfg.compile,
                                   resume=resume))
 
@@ -122,11 +131,14 @@ def run_augment(settings: dict, folder: Path, cfg: PipelineConfig):
                          dtype=settings["dtype"], compile=cfg.compile)
 
 
-def run_eval(settings: dict, folder: Path, cfg: PipelineConfig):
+def run_eval(settings: dict, folder: Path, cfg: PipelineConfig) -> dict:
+    """Returns the reply budget it used, for the stage marker."""
     import eval as evaluation
-    evaluation.evaluate(settings["model"], settings["task"], settings["data"], split=settings["split"],
-                        out_dir=folder, limit=settings["limit"], batch_size=cfg.gen_batch_size,
-                        device=cfg.device, dtype=settings["dtype"], compile=cfg.compile)
+    report = evaluation.evaluate(settings["model"], settings["task"], settings["data"], split=settings["split"],
+                                 out_dir=folder, limit=settings["limit"], batch_size=cfg.gen_batch_size,
+                                 max_new_tokens=settings["max_new_tokens"], device=cfg.device,
+                                 dtype=settings["dtype"], compile=cfg.compile)
+    return {k: report[k] for k in ("max_new_tokens", "max_new_tokens_from")}
 
 
 def run_compare(settings: dict, folder: Path, cfg: PipelineConfig):
@@ -163,10 +175,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         print(f"[{name}] running")
         folder.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        spec["run"](spec["settings"], folder, cfg)
+        facts = spec["run"](spec["settings"], folder, cfg) or {}  # what the stage chose for itself
         run_ids[name] = uuid.uuid4().hex
         write_marker(folder, dict(settings=recorded, inputs=inputs, run_id=run_ids[name],
-                                  seconds=round(time.time() - started, 1)))
+                                  seconds=round(time.time() - started, 1), **portable(facts, out)))
     summary = summarize(out, cfg)
     print(summary["markdown"])
     return summary
@@ -291,7 +303,7 @@ def prepare_demo(cfg: PipelineConfig, out: Path) -> PipelineConfig:
         tokenizer_dir = data.build_tokenizer(texts, assets / "tokenizer", chat_format="llama3", vocab_size=600)
         config = LlamaConfig.from_json(DEMO_MODEL_CONFIG)
         torch.manual_seed(cfg.seed)
-        Llama(config).save_pretrained(base, tokenizer_dir=tokenizer_dir)
+        Llama(config).save_pretrained(base, data.Tokenizer(tokenizer_dir).serving_files())
     return replace(cfg, base_model=str(base), rgen_data=str(rgen), emotion_data=str(emotion), device="cpu",
                    dtype="fp32", lr=5e-4, rgen_examples=cfg.demo_rows, rgen_epochs=cfg.demo_epochs,
                    cls_epochs=cfg.demo_epochs, rgen_max_seq_len=256, cls_max_seq_len=256, batch_size=16,

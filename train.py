@@ -82,17 +82,20 @@ class TrainConfig:
                                         "id; q2ra: the stage-2 jsonl (text, label, reasoning)"})
     out: str = field(metadata={"help": "run folder: train_config.json, metrics.jsonl, loss.png, best/, last/"})
     model: str = _f("meta-llama/Llama-3.2-1B-Instruct", "checkpoint folder or hub id to start from "
-                    "(its tokenizer is used and copied into every checkpoint)")
-    max_examples: int = _f(0, "training examples used (0: all); rgen reads this many (plus --val-examples), "
-                              "spread evenly over the whole set")
-    val_examples: int = _f(500, "validation examples: the first N of the emotion 'validation' split when it "
+                    "(its tokenizer is used, and saved into every checkpoint with our chat template)")
+    max_examples: int = _f(0, "training examples used (0: all): q2a/q2ra the N lowest row ids, so both see the "
+                              "same rows; rgen reads this many (plus --val-examples), spread evenly over the whole set")
+    val_examples: int = _f(500, "validation examples: the N lowest ids of the emotion 'validation' split when it "
                            "exists, else N held out from the training rows, at most a tenth of them (a seeded "
                            "random slice; rgen: every k-th of the rows read, which are --max-examples plus these). "
                            "0: no validation, best/ = the final model")
     val_data: str = _f("", "q2a/q2ra: take the validation rows from here instead (an emotion source, or a "
                            "stage-2 jsonl for q2ra), so that every training row is trained on")
-    max_seq_len: int = _f(0, "token limit per example; longer ones are truncated and counted "
-                          "(0: 1024 for rgen, whose replies are long, 512 for q2a/q2ra)")
+    rgen_columns: str = _f("", "rgen: the columns of question, answer and reasoning, where their names are none "
+                           "of the known aliases, as question=COL,answer=COL,reasoning=COL (any of the three)")
+    max_seq_len: int = _f(0, "token limit per example (0: 1024 for rgen, whose replies are long, 512 for "
+                          "q2a/q2ra); longer ones are counted, and rgen's cut from the right, q2ra's shortened in "
+                          "their reasoning, q2a's dropped: a classifier's label and end-of-turn token always stay")
     epochs: float = _f(2.0, "passes over the training examples; the lr schedule spans them "
                        "(fractions allowed; 1-2 suit a full fine-tune, the pipeline uses 1 for rgen)")
     max_steps: int = _f(0, "stop after this many optimizer steps (0: after --epochs). The lr schedule still "
@@ -242,20 +245,24 @@ class Batch(NamedTuple):
 
 
 def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], dict]:
-    """Training and validation examples of the task, tokenized; plus counts of what was cut or skipped."""
+    """Training and validation examples of the task, tokenized; plus what the data turned out to
+    be: counts of what was cut, shortened, dropped or skipped, stage 2's reasoning cap (q2ra) and
+    the reply budget (max_new_tokens) that the model's replies need."""
     if cfg.task == "rgen":
         # Streamed: 350k rows (3 GB) never sit in memory as text. Every k-th example is held out,
         # so that validation, like training, covers the whole set (the rows come in the set's order).
         limit = cfg.max_examples + cfg.val_examples if cfg.max_examples else None
-        rows = data.iter_reasoning_gen(cfg.data, max_examples=limit, skip_bad=cfg.skip_bad)
-        examples, truncated = encode(cfg, tokenizer, rows, "rgen")
+        rows = data.iter_reasoning_gen(cfg.data, max_examples=limit, skip_bad=cfg.skip_bad,
+                                       columns=data.parse_rgen_columns(cfg.rgen_columns))
+        examples, fits = encode(cfg, tokenizer, rows, "rgen")
         n_val = held_out_count(cfg, len(examples))
         held_out = set(range(0, n_val * (len(examples) // n_val), len(examples) // n_val)) if n_val else set()
         train_set = [ex for i, ex in enumerate(examples) if i not in held_out]
         val_set, skipped = [ex for i, ex in enumerate(examples) if i in held_out], rows.skipped
+        reasoning_tokens = None
     else:
         train_rows = emotion_rows(cfg, cfg.data, "train")
-        skipped, val_rows = train_rows.skipped, None
+        skipped, val_rows, reasoning_tokens = train_rows.skipped, None, train_rows.settings.get("max_new_tokens")
         if cfg.val_examples and cfg.val_data:
             val_rows = emotion_rows(cfg, cfg.val_data, "validation")
             skipped += val_rows.skipped
@@ -274,19 +281,28 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exam
             train_rows = [row for i, row in enumerate(train_rows) if i not in held_out]
         if cfg.max_examples:
             train_rows = train_rows[:cfg.max_examples]
-        (train_set, n_train_cut), (val_set, n_val_cut) = (encode(cfg, tokenizer, train_rows, "training"),
-                                                          encode(cfg, tokenizer, val_rows, "validation"))
-        truncated = n_train_cut + n_val_cut
+        (train_set, fits), (val_set, val_fits) = (encode(cfg, tokenizer, train_rows, "training"),
+                                                  encode(cfg, tokenizer, val_rows, "validation"))
+        fits = {k: fits[k] + val_fits[k] for k in fits}
     if skipped:
         log(f"--skip-bad: {skipped} bad rows were skipped (the warnings above name them)")
-    return train_set, val_set, {"truncated_examples": truncated, "skipped_bad_rows": skipped}
+    # The longest reply a classifier may have to write: what its training targets allow, at least.
+    budget = max([data.reply_budget(tokenizer, cfg.task, reasoning_tokens or data.DEFAULT_REASONING_TOKENS)]
+                 + [int(ex.is_target.sum()) for ex in train_set + val_set])
+    return train_set, val_set, {**fits, "skipped_bad_rows": skipped, "reasoning_tokens": reasoning_tokens,
+                                "max_new_tokens": budget}
 
 
-def emotion_rows(cfg: TrainConfig, source, split: str):
-    """q2a/q2ra rows of one split; for q2ra a file is stage 2's output, which holds the reasoning."""
+def emotion_rows(cfg: TrainConfig, source, split: str) -> data.Rows:
+    """q2a/q2ra rows of one split, in id order; for q2ra a file is stage 2's output, which holds
+    the reasoning. Id order, not file order: stage 2 writes rows as they finish, shortest texts
+    first, so that the first N rows of its file would be another set than q2a's first N."""
     if cfg.task == "q2ra" and Path(source).is_file():
-        return data.read_augmented(source, skip_bad=cfg.skip_bad)
-    return data.read_emotion(source, split, skip_bad=cfg.skip_bad)
+        rows = data.read_augmented(source, skip_bad=cfg.skip_bad)
+    else:
+        rows = data.read_emotion(source, split, skip_bad=cfg.skip_bad)
+    rows.sort(key=lambda row: (isinstance(row["id"], str), row["id"]))  # ints and strings apart
+    return rows
 
 
 def held_out_count(cfg: TrainConfig, n_rows: int) -> int:
@@ -294,21 +310,26 @@ def held_out_count(cfg: TrainConfig, n_rows: int) -> int:
     return min(cfg.val_examples, math.ceil(n_rows / 10))
 
 
-def encode(cfg: TrainConfig, tokenizer, rows, name: str) -> tuple[list[Example], int]:
-    """Token ids and target masks; returns them with the number of examples cut at max_seq_len."""
-    examples, truncated, empty = [], 0, 0
+FITS = {"cut": "cut from the right", "shortened": "shortened in their reasoning (the answer line kept)",
+        "dropped": "dropped (no reply token, or no room for the label, would be left)"}
+
+
+def encode(cfg: TrainConfig, tokenizer, rows, name: str) -> tuple[list[Example], dict]:
+    """Token ids and target masks; returns them with the counts of the examples longer than
+    max_seq_len, by what was done to them (data.encode_example): {cut,shortened,dropped}_examples."""
+    examples, fits, n_rows = [], dict.fromkeys(FITS, 0), 0
     for row in tqdm(rows, desc=f"tokenize {name}", unit="row", leave=False, disable=not is_main()):
-        ex = data.encode_example(tokenizer, data.example_messages(cfg.task, row), cfg.max_seq_len)
-        truncated += ex["truncated"]
-        if not any(ex["target_mask"]):  # the cut left no reply token: nothing to learn from
-            empty += 1
-            continue
-        examples.append(Example(torch.tensor(ex["input_ids"], dtype=torch.int32),
-                                torch.tensor(ex["target_mask"], dtype=torch.bool)))
-    if truncated:
-        log(f"{truncated} of {len(examples) + empty} {name} examples were longer than --max-seq-len "
-            f"{cfg.max_seq_len} and were cut" + (f"; {empty} kept no reply token and were dropped" if empty else ""))
-    return examples, truncated
+        n_rows += 1
+        ex = data.encode_example(tokenizer, cfg.task, row, cfg.max_seq_len)
+        if ex["fit"] != "whole":
+            fits[ex["fit"]] += 1
+        if ex["fit"] != "dropped":
+            examples.append(Example(torch.tensor(ex["input_ids"], dtype=torch.int32),
+                                    torch.tensor(ex["target_mask"], dtype=torch.bool)))
+    for fit, n in fits.items():
+        if n:
+            log(f"{n} of {n_rows} {name} examples were longer than --max-seq-len {cfg.max_seq_len}: {FITS[fit]}")
+    return examples, {f"{fit}_examples": n for fit, n in fits.items()}
 
 
 def batch_order(lengths: list[int], batch_size: int, chunk: int, seed: int, epoch: int) -> list[list[int]]:
@@ -446,12 +467,12 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def save_last(out: Path, model: Llama, optimizer, progress: dict, tokenizer_dir: Path):
+def save_last(out: Path, model: Llama, optimizer, progress: dict, files: dict):
     """OUT/last = the model (Hugging Face layout) + train_state.pt (optimizer, step, data position,
     RNG, best validation loss). Both are written into a staging folder that then replaces OUT/last
     in one rename, so a crash mid-save leaves the previous OUT/last whole and consistent."""
     staging = out / ".last.staging"
-    model.save_pretrained(staging, tokenizer_dir=tokenizer_dir)
+    model.save_pretrained(staging, files)
     torch.save({**progress, "optimizer": optimizer.state_dict(), "rng": rng_state()}, staging / "train_state.pt")
     replace_dir(staging, out / "last")
 
@@ -461,8 +482,22 @@ def load_train_state(out: Path, device) -> dict:
                       weights_only=True)  # tensors and plain containers only: no code runs on load
 
 
+def recover_last(out: Path):
+    """A crash between replace_dir's two renames leaves no OUT/last, and the previous checkpoint,
+    whole, in OUT/.last.old-PID: put it back (the newest, if there are several). Not .last.staging,
+    which may be torn. Rank 0 renames; the other ranks wait for it."""
+    if is_main() and not (out / "last").exists():
+        old = [p for p in out.glob(".last.old-*") if (p / "train_state.pt").is_file()]
+        if old:
+            newest = max(old, key=lambda p: (p / "train_state.pt").stat().st_mtime)
+            os.replace(newest, out / "last")
+            log(f"{out / 'last'} was missing (a crash while it was being replaced): restored it from {newest.name}")
+    barrier()
+
+
 def check_resumable(cfg: TrainConfig, out: Path):
     """There is a run to resume, and the resumed run trains the same way as the one it continues."""
+    recover_last(out)
     if not (out / "last" / "train_state.pt").is_file():
         raise FileNotFoundError(f"{out / 'last' / 'train_state.pt'}: no saved run to --resume")
     saved = json.loads((out / "train_config.json").read_text())["config"]
@@ -554,9 +589,11 @@ def train(cfg: TrainConfig) -> Path:
     bf16 = cfg.dtype == "bf16"
 
     # data
-    tokenizer_dir = resolve_checkpoint(cfg.model)
-    tokenizer = data.Tokenizer.from_dir(tokenizer_dir)
+    base_dir = resolve_checkpoint(cfg.model)
+    tokenizer = data.Tokenizer.from_dir(base_dir)
     train_set, val_set, data_counts = load_examples(cfg, tokenizer)
+    # Saved with every checkpoint: the tokenizer, our chat template and the reply budget.
+    files = tokenizer.serving_files(max_new_tokens=data_counts["max_new_tokens"])
     if not train_set:
         raise ValueError(f"{cfg.data}: no training examples for task {cfg.task}")
     lengths = [len(ex.ids) for ex in train_set]
@@ -573,10 +610,11 @@ def train(cfg: TrainConfig) -> Path:
             "total_steps": total_steps, "examples_per_step": cfg.batch_size * cfg.grad_accum, "ranks": world,
             "device": str(device), "torch": torch.__version__})
     log(f"{cfg.task}: {len(train_set)} training / {len(val_set)} validation examples, "
-        f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in the schedule, stopping at {stop_step}")
+        f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in the schedule, stopping at {stop_step}; "
+        f"replies up to {data_counts['max_new_tokens']} tokens (the checkpoints' max_new_tokens)")
 
     # model
-    model = Llama.from_pretrained(out / "last" if cfg.resume else tokenizer_dir, dtype=torch.float32, device=device)
+    model = Llama.from_pretrained(out / "last" if cfg.resume else base_dir, dtype=torch.float32, device=device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
     if cfg.compile:
@@ -604,7 +642,7 @@ def train(cfg: TrainConfig) -> Path:
         if val_loss < progress["best_val_loss"]:
             progress["best_val_loss"] = val_loss
             if rank == 0:
-                model.save_pretrained(out / "best", tokenizer_dir=tokenizer_dir)
+                model.save_pretrained(out / "best", files)
         return {"val_loss": val_loss}
 
     # the loop: one optimizer step per iteration, from wherever the run stands to stop_step
@@ -643,7 +681,7 @@ def train(cfg: TrainConfig) -> Path:
                             tgt_s=f"{targets / dt:.0f}", refresh=False)
             if step % cfg.save_every == 0 or step == stop_step or stopping:
                 if rank == 0:
-                    save_last(out, model, optimizer, progress, tokenizer_dir)
+                    save_last(out, model, optimizer, progress, files)
                 barrier()  # no rank exits (which would make torchrun stop rank 0) before the save is whole
             if stopping:
                 bar.close()
@@ -652,7 +690,7 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     if rank == 0:
         if not val_set:  # nothing to select on: the final model is the best we know
-            model.save_pretrained(out / "best", tokenizer_dir=tokenizer_dir)
+            model.save_pretrained(out / "best", files)
         log(f"done at step {progress['step']}: best validation loss {progress['best_val_loss']:.4f}, "
             f"{progress['elapsed_s'] / 60:.1f} min in all; best checkpoint: {out / 'best'}")
         plot_losses(out)

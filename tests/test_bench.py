@@ -23,7 +23,7 @@ def test_grid_points_cross_and_full():
     assert bench.grid_points(args) == [(1, 128), (1, 512), (8, 128), (8, 512)]
 
 
-def test_bench_writes_every_figure(tmp_path, capsys):
+def test_bench_writes_every_figure(tmp_path, capsys, fresh_dynamo):
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     out = tmp_path / "bench.json"
     bench.main(["--config", str(tmp_path / "config.json"), "--threads", "1", "--reps", "1", "--warmup", "1",

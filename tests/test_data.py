@@ -219,11 +219,26 @@ def test_from_dir_resolves_hub_ids_through_model(monkeypatch, tok_dirs):
     assert Tokenizer.from_dir("org/chat").chat_format == "chatml"
 
 
-def test_save_copies_the_files(tmp_path, tok_dirs, toks):
-    out = toks["llama3"].save(tmp_path / "copy")
-    for name in data.TOKENIZER_FILES:
-        assert (out / name).read_bytes() == (tok_dirs["llama3"] / name).read_bytes()
-    assert Tokenizer.from_dir(out).render(CONVERSATIONS["multi"]) == toks["llama3"].render(CONVERSATIONS["multi"])
+@pytest.mark.parametrize("chat_format", ["llama3", "chatml"])
+def test_save_writes_our_chat_template_and_stop_ids(tmp_path, tok_dirs, toks, chat_format):
+    """A saved folder serves the prompts we train on: tokenizer.json unchanged, our template in
+    place of the base model's (which may add lines we never train with), every stop id."""
+    original = json.loads((tok_dirs[chat_format] / "tokenizer_config.json").read_text())
+    (tok_dirs[chat_format] / "tokenizer_config.json").write_text(json.dumps(
+        {**original, "chat_template": "{{ 'Cutting Knowledge Date: December 2023' }}"}))
+    try:
+        out = Tokenizer.from_dir(tok_dirs[chat_format]).save(tmp_path / "copy", max_new_tokens=42)
+    finally:
+        (tok_dirs[chat_format] / "tokenizer_config.json").write_text(json.dumps(original))
+    assert (out / "tokenizer.json").read_bytes() == (tok_dirs[chat_format] / "tokenizer.json").read_bytes()
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert saved == {**original, "chat_template": data.CHAT_TEMPLATES[chat_format]}
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == sorted(toks[chat_format].stop_ids) and generation["max_new_tokens"] == 42
+    for messages in CONVERSATIONS.values():
+        assert Tokenizer.from_dir(out).render(messages) == toks[chat_format].render(messages)
+        assert hf_ids(out, messages, True) == toks[chat_format].render(messages, add_generation_prompt=True)[0]
+    assert "max_new_tokens" not in json.loads(Tokenizer.from_dir(out).serving_files()["generation_config.json"])
 
 
 def test_build_tokenizer_is_deterministic(tmp_path):
@@ -282,14 +297,42 @@ def test_task_errors():
         data.target_text("q2ra", {**ROW, "reasoning": " "})
 
 
-def test_encode_example(toks):
+def test_encode_example_never_cuts_a_label(toks):
+    """Too long: q2ra's reasoning is shortened so that its answer line and end-of-turn token stay;
+    q2a is dropped; rgen is cut from the right; a q2ra without room for its label is dropped."""
     tok = toks["llama3"]
-    messages = data.example_messages("q2ra", ROW)
-    ids, mask = tok.render(messages)
-    full = data.encode_example(tok, messages, max_seq_len=len(ids))
-    assert full == {"input_ids": ids, "target_mask": mask, "truncated": False}
-    cut = data.encode_example(tok, messages, max_seq_len=len(ids) - 3)
-    assert cut["truncated"] and cut["input_ids"] == ids[:-3] and cut["target_mask"] == mask[:-3]
+    ids, mask = tok.render(data.example_messages("q2ra", ROW))
+    assert data.encode_example(tok, "q2ra", ROW, len(ids)) == {"input_ids": ids, "target_mask": mask, "fit": "whole"}
+    short = data.encode_example(tok, "q2ra", ROW, len(ids) - 3)
+    assert short["fit"] == "shortened" and len(ids) - 8 < len(short["input_ids"]) <= len(ids) - 3
+    reply = tok.tk.decode([i for i, m in zip(short["input_ids"], short["target_mask"]) if m], skip_special_tokens=False)
+    reasoning, answer = reply.removesuffix("<|eot_id|>").rsplit("\n", 1)
+    assert answer == "Emotion: sadness" and reply.endswith("<|eot_id|>")
+    assert ROW["reasoning"].strip().startswith(reasoning) and len(reasoning) < len(ROW["reasoning"].strip())
+    prompt = len(tok.render(data.prompt_messages("q2ra", ROW), add_generation_prompt=True)[0])
+    assert data.encode_example(tok, "q2ra", ROW, prompt + 4)["fit"] == "dropped"   # no room for the answer line
+
+    ids, _ = tok.render(data.example_messages("q2a", ROW))
+    assert data.encode_example(tok, "q2a", ROW, len(ids) - 1) == {"input_ids": [], "target_mask": [], "fit": "dropped"}
+    ids, mask = tok.render(data.example_messages("rgen", RGEN_ROW))
+    cut = data.encode_example(tok, "rgen", RGEN_ROW, len(ids) - 3)
+    assert cut == {"input_ids": ids[:-3], "target_mask": mask[:-3], "fit": "cut"}
+
+
+def test_reply_budget_covers_a_capped_reasoning_and_its_answer_line(toks):
+    """A q2ra reply whose reasoning is as long as stage 2's cap, then its answer line and its
+    end-of-turn token, fits the budget: with every label."""
+    for tok in toks.values():
+        reasoning = tok.decode(tok.encode(" ".join(["The writer is alone and misses someone."] * 30))[:40])
+        assert len(tok.encode(reasoning.strip())) <= 40
+        for label in LABELS:
+            _, mask = tok.render(data.example_messages("q2ra", {**ROW, "reasoning": reasoning, "label": label}))
+            assert sum(mask) <= data.reply_budget(tok, "q2ra", reasoning_tokens=40)
+            _, mask = tok.render(data.example_messages("q2a", {**ROW, "label": label}))
+            assert sum(mask) <= data.reply_budget(tok, "q2a")
+        assert data.reply_budget(tok, "q2a") == 8 and data.reply_budget(tok, "rgen", 99) == 99
+    with pytest.raises(ValueError, match="unknown task"):
+        data.reply_budget(tok, "q2x")
 
 
 # ----------------------------------------------------------------------------- emotion readers
@@ -494,6 +537,24 @@ def test_iter_reasoning_gen_column_aliases(tmp_path):
         {"id": "q-b", "question": "question 1", "answer": "answer 1", "reasoning": "reasoning 1"}]
 
 
+def test_iter_reasoning_gen_columns_named_by_the_user(tmp_path):
+    """--rgen-columns names the columns that no alias finds; the error without it says so."""
+    path = write_parquet(tmp_path / "shard.parquet", {"q_text": ["q0"], "gold": ["a0"], "why": ["r0"]})
+    with pytest.raises(ValueError, match=r"no column for question, answer, reasoning \(found: q_text, gold, why;"
+                                         r".*--rgen-columns question=COL,answer=COL,reasoning=COL\)"):
+        list(data.iter_reasoning_gen(path))
+    columns = data.parse_rgen_columns("question=q_text, answer=gold,reasoning=why")
+    assert columns == {"question": "q_text", "answer": "gold", "reasoning": "why"}
+    assert list(data.iter_reasoning_gen(path, columns=columns)) == [
+        {"id": 0, "question": "q0", "answer": "a0", "reasoning": "r0"}]
+    with pytest.raises(ValueError, match=r"shard.parquet: no column 'reason' for reasoning \(found: q_text, gold, why\)"):
+        list(data.iter_reasoning_gen(path, columns={**columns, "reasoning": "reason"}))
+    for bad in ("question", "label=gold", "answer="):
+        with pytest.raises(ValueError, match=f"--rgen-columns: '{bad}' is not ROLE=COLUMN"):
+            data.parse_rgen_columns(bad)
+    assert data.parse_rgen_columns("") == {}
+
+
 def test_iter_reasoning_gen_wrong_columns_and_bad_rows(tmp_path, capsys):
     path = write_parquet(tmp_path / "a" / "train-00000-of-00001.parquet", {"question": ["q"], "label": ["a"]})
     with pytest.raises(ValueError, match=f"{path}: no column for answer, reasoning \\(found: question, label;"):
@@ -537,3 +598,6 @@ def test_read_augmented(tmp_path):
     assert list(rows) == [{**good, "label": "fear"}] and rows.skipped == 2
     with pytest.raises(FileNotFoundError, match="no such file"):
         data.read_augmented(tmp_path / "missing.jsonl")
+    assert rows.settings == {}
+    data.write_json(data.settings_path(path), {"max_new_tokens": 64, "split": "train"})
+    assert data.read_augmented(path, skip_bad=True).settings == {"max_new_tokens": 64, "split": "train"}

@@ -46,6 +46,13 @@ def test_parse_q2a(reply, label):
     ("Emotion: joy\nOn reflection...\nEmotion:", UNPARSED),           # last answer is empty
     ("Reasoning.\nEmotion:\njoy", UNPARSED),                          # label must be on the answer line
     ("", UNPARSED),
+    # only the last non-empty line, anchored at its start (issue 11)
+    ("...\nEmotion: sadness", "sadness"), ("...\n**Emotion:** Joy!", "joy"), ("Emotion: anger\nEmotion: fear", "fear"),
+    ("Reasoning.\nEmotion: joy\n\n", "joy"),
+    ("The emotion: sadness is shown by the first clause\nmore reasoning that was cut off", UNPARSED),
+    ("He felt no emotion: he was calm. This suggests sadness", UNPARSED),
+    ("Reasoning.\nEmotion: joy.\nThus the answer is fear", UNPARSED),
+    ("Reasoning.\nEmotion: joy, because she smiled", UNPARSED), ("Reasoning.\nEmotion: joyful", UNPARSED),
 ])
 def test_parse_q2ra(reply, label):
     assert parse_label("q2ra", reply) == label
@@ -189,7 +196,7 @@ def test_paired_inputs_checked():
 
 def fixture_predictions():
     return [{"id": i, "text": f"example text {i}", "gold": g, "predicted": p,
-             "raw": f"Reasoning {i}.\nEmotion: {p}", "n_tokens": 10 + i}
+             "raw": f"Reasoning {i}.\nEmotion: {p}", "n_tokens": 10 + i, "hit_limit": i == 4}
             for i, (g, p) in enumerate(zip(GOLD, PRED))]
 
 
@@ -215,12 +222,13 @@ def test_write_report(tmp_path):
     assert saved["mean_new_tokens"] == 13.5          # mean of 10..17
     assert saved["rows_per_s"] == 4.0                # 8 rows in 2 s
     assert saved["task"] == "q2ra" and saved["scoring"] == "generate"
+    assert saved["hit_limit"] == 1 and saved["unparsed_cut_off"] == 1 and saved["unparsed_no_answer"] == 0
 
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert rows == fixture_predictions()
 
     md = (out / "report.md").read_text()
-    for fragment in ["| accuracy | 0.5000 |", "| macro-F1 | 0.3444 |", "| unparsed share | 12.50% |",
+    for fragment in ["| accuracy | 0.5000 |", "| macro-F1 | 0.3444 |", "| unparsed share | 12.50% (1 cut off by max_new_tokens, 0 ended without an answer) |",
                      "| mean generated length (tokens) | 13.5 |", "| rows/s | 4.00 |", "greedy, max_new_tokens=256",
                      "| joy | 0.3333 | 0.5000 | 0.4000 | 2 |",
                      "| gold \\ predicted | sadness | joy | love | anger | fear | surprise | unparsed |",
@@ -402,7 +410,7 @@ def test_evaluate_end_to_end(tmp_path):
     tok = data.Tokenizer.from_dir(tmp_path / "tok")
     vocab = tokenizers.Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).get_vocab_size()
     model = tiny_model(vocab_size=vocab, eos=sorted(tok.stop_ids), bos=tok.bos_id)
-    model.save_pretrained(tmp_path / "model", tokenizer_dir=tmp_path / "tok")
+    model.save_pretrained(tmp_path / "model", tok.serving_files())
     n = len(EMOTION_ROWS)
 
     for task, scoring, budget, limit in [("q2a", "generate", None, None), ("q2a", "logprob", None, None),
@@ -416,7 +424,9 @@ def test_evaluate_end_to_end(tmp_path):
         rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
         assert len(rows) == report["n"] == expected_n
         assert [r["gold"] for r in rows] == [lab for _, lab in EMOTION_ROWS][:expected_n]
-        assert all(set(r) == {"id", "text", "gold", "predicted", "raw", "n_tokens"} for r in rows)
+        assert all(set(r) == {"id", "text", "gold", "predicted", "raw", "n_tokens", "hit_limit"} for r in rows)
+        assert report["unparsed_cut_off"] == sum(r["predicted"] == UNPARSED and r["hit_limit"] for r in rows)
+        assert report["unparsed_no_answer"] == sum(r["predicted"] == UNPARSED and not r["hit_limit"] for r in rows)
         counts = report["confusion_matrix"]["counts"]
         assert sum(map(sum, counts)) == expected_n
         assert sum(c["support"] for c in report["per_class"].values()) == expected_n
@@ -427,7 +437,8 @@ def test_evaluate_end_to_end(tmp_path):
             assert report["unparsed_share"] == 0 and all(r["predicted"] in LABELS for r in rows)
         else:
             max_new = budget or 8
-            assert report["max_new_tokens"] == max_new
+            assert report["max_new_tokens"] == max_new and report["hit_limit"] == sum(r["hit_limit"] for r in rows)
+            assert report["max_new_tokens_from"] == ("--max-new-tokens" if budget else "the q2a default (data.reply_budget)")
             assert all(0 <= r["n_tokens"] <= max_new for r in rows)
             assert report["mean_new_tokens"] == pytest.approx(np.mean([r["n_tokens"] for r in rows]))
             assert all(r["predicted"] == parse_label(task, r["raw"]) for r in rows)

@@ -195,7 +195,7 @@ def test_sample_follows_the_distribution_and_truncates():
     assert (cold == 1).float().mean() > 0.99
 
 
-def test_compiled_decode_step_gives_the_same_tokens_from_one_graph(monkeypatch):
+def test_compiled_decode_step_gives_the_same_tokens_from_one_graph(monkeypatch, fresh_dynamo):
     """torch.compile with inductor (on CPU: generated C++) over a static cache: the same replies,
     through refills and idle rows at the end, from one graph that never recompiles (what lets
     CUDA replay each step as one graph)."""
@@ -205,12 +205,25 @@ def test_compiled_decode_step_gives_the_same_tokens_from_one_graph(monkeypatch):
     expected = generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=3)
     for name in ("decode_one_token", "static_cache"):
         monkeypatch.setattr(generate, name, getattr(generate, name))  # undone afterwards
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    torch._dynamo.reset()
     generate.compile_decode("cpu")
     assert generate.static_cache
+    compiled_step, calls = generate.decode_one_token, []
+
+    def step(*args):
+        """The first call compiles; any compile after it raises (torch's public stance API, set
+        for each call only: nothing stays switched on)."""
+        calls.append(len(args[1]))
+        if len(calls) == 1:
+            return compiled_step(*args)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return compiled_step(*args)
+
+    monkeypatch.setattr(generate, "decode_one_token", step)
     assert generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=3) == expected
-    torch._dynamo.reset()
+    assert len(calls) > 10 and set(calls) == {3}
+    # The stance does catch a recompile: another batch size is another shape (dynamic=False).
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="fail_on_recompile"):
+        step(model, torch.zeros(2, dtype=torch.long), model.new_cache(2, 30, static=True))
 
 
 def test_compile_without_a_cpu_compiler_is_one_clear_error(monkeypatch):
@@ -299,7 +312,7 @@ def model_dir(tmp_path_factory):
     model = tiny_model(vocab=tokenizer.vocab_size, std=0.1, hidden_size=384, intermediate_size=1024,
                        num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, head_dim=64,
                        bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
-    model.save_pretrained(root / "model", tokenizer_dir=root / "tok")
+    model.save_pretrained(root / "model", tokenizer.serving_files())
     return root / "model"
 
 
@@ -371,6 +384,26 @@ def test_stage2_survives_sigkill_and_a_torn_line(model_dir, tmp_path):
     assert len(refused.stderr.strip().splitlines()) == 1
     forced = run_cli(*common[:-1], 16, "--out", out, "--force", "--limit", n + 2)
     assert "wrote 0 rows" in forced.stdout and read_rows(out)[1] == n
+
+
+def test_stage2_refuses_to_resume_from_another_split_or_source(model_dir, tmp_path):
+    """Ids 0..1999 exist in the train split and in the validation split: the sidecar records the
+    source and the split, and a resume from another is one clear error."""
+    import data
+    from generate import augment
+    src = emotion_file(tmp_path, 3)
+    out, cfg = tmp_path / "aug.jsonl", SamplingConfig(max_new_tokens=4)
+    augment(model_dir, src, "train", out, cfg, limit=2)
+    meta = json.loads(data.settings_path(out).read_text())
+    assert meta["data"] == str(src.resolve()) and meta["split"] == "train"
+    with pytest.raises(ValueError, match=r"aug\.jsonl: was generated with split='train' \(now 'validation'\)"):
+        augment(model_dir, src, "validation", out, cfg)
+    other = tmp_path / "other" / "train.jsonl"
+    other.parent.mkdir()
+    other.write_text(src.read_text())
+    with pytest.raises(ValueError, match=f"was generated with data='{src.resolve()}' \\(now '{other.resolve()}'\\)"):
+        augment(model_dir, other, "train", out, cfg)
+    assert augment(model_dir, src, "train", out, cfg)["rows"] == 1  # the same source and split resume
 
 
 def test_augment_shards_sample_what_a_whole_run_samples(model_dir, tmp_path):

@@ -131,14 +131,13 @@ def test_sharded_checkpoints_round_trip(tmp_path):
         torch.testing.assert_close(back(ids).logits, ref(ids).logits, **TOL)
 
 
-def test_save_is_atomic_and_copies_tokenizer_files(tmp_path):
+def test_save_is_atomic_and_writes_the_files_given(tmp_path):
     _, ours = make_pair(tmp_path)
-    (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
-    ours.save_pretrained(tmp_path / "out", tokenizer_dir=tmp_path / "tok")
-    ours.save_pretrained(tmp_path / "out", tokenizer_dir=tmp_path / "tok")  # overwrite in place
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out", "tok"]  # no temp folders left
+    ours.save_pretrained(tmp_path / "out", {"tokenizer.json": "{}", "extra.bin": b"\x00"})
+    ours.save_pretrained(tmp_path / "out", {"tokenizer.json": "{}", "extra.bin": b"\x00"})  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no temp folders left
     assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
+    assert (tmp_path / "out" / "extra.bin").read_bytes() == b"\x00"
 
 
 def test_from_pretrained_dtype_and_config_fields(tmp_path):

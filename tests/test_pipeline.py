@@ -54,6 +54,13 @@ def test_demo_writes_every_report(demo_run):
     q2ra_config = json.loads((out / "q2ra" / "train_config.json").read_text())
     assert q2ra_config["train_examples"] == 96 and q2ra_config["val_examples"] == 30
     assert (out / "summary.md").is_file() and "DEMO" in (out / "summary.md").read_text()
+    # the q2ra reply budget: stage 2's cap plus the answer line, from the checkpoint, in the marker and report
+    marker = json.loads((out / "eval_q2ra" / "stage.json").read_text())
+    report = json.loads((out / "eval_q2ra" / "report.json").read_text())
+    assert marker["max_new_tokens"] == report["max_new_tokens"] == q2ra_config["max_new_tokens"]
+    assert q2ra_config["reasoning_tokens"] == json.loads((out / "augment" / "stage.json").read_text())["settings"]["max_new_tokens"]
+    assert marker["max_new_tokens"] > q2ra_config["reasoning_tokens"]
+    assert marker["max_new_tokens_from"] == "$OUT/q2ra/best/generation_config.json"
     compare = json.loads((out / "compare" / "compare.json").read_text())
     assert set(summary["compare"]) >= {"diff", "ci95", "mcnemar_p"} and compare == summary["compare"]
 
@@ -104,7 +111,8 @@ def test_compile_reaches_training_and_stage_2(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "train", lambda cfg: seen.setdefault("train", cfg.compile))
     import eval as evaluation
     monkeypatch.setattr(generate, "augment", lambda *a, **kw: seen.setdefault("augment", kw["compile"]))
-    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **kw: seen.setdefault("eval", kw["compile"]))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **kw: {"max_new_tokens": 1, "max_new_tokens_from": "",
+                                                                  "compile": seen.setdefault("eval", kw["compile"])})
     cfg = pipeline.PipelineConfig(out=str(tmp_path), compile=True)
     specs = {spec["name"]: spec for spec in pipeline.stage_specs(cfg, tmp_path)}
     for name in ("q2a", "augment", "eval_q2ra"):

@@ -76,7 +76,8 @@ def assets(tmp_path_factory):
                                              vocab_size=400)
         torch.manual_seed(0)
         model = Llama(tiny_config(data.Tokenizer.from_dir(tokenizer_dir), tied))
-        models[chat_format] = model.save_pretrained(root / f"model-{chat_format}", tokenizer_dir=tokenizer_dir)
+        models[chat_format] = model.save_pretrained(root / f"model-{chat_format}",
+                                                    data.Tokenizer(tokenizer_dir).serving_files())
     return SimpleNamespace(root=root, emotion=emotion, augmented=augmented, rgen=rgen, rows=rows,
                            rgen_rows=rgen_rows, model=models)
 
@@ -129,19 +130,28 @@ def test_loss_positions_predict_exactly_the_reply(assets, task, chat_format):
         assert reply == data.target_text(task, row) + END_OF_TURN[chat_format]
 
 
-def test_truncation_and_bad_rows_are_counted(assets, tmp_path):
+def test_truncation_keeps_the_label_and_is_counted(assets, tmp_path):
+    """q2ra examples over --max-seq-len lose the end of their reasoning, never their answer line
+    or end-of-turn token; those without room for it are dropped; both are counted."""
     tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
     lengths = sorted(len(tokenizer.render(data.example_messages("q2ra", r))[0]) for r in assets.rows[:48])
     limit = lengths[24]  # half the examples are longer
     cfg = TrainConfig(task="q2ra", data=str(assets.augmented), out="", val_examples=4, max_seq_len=limit)
     train_set, val_set, counts = train.load_examples(cfg, tokenizer)
-    assert counts == {"truncated_examples": sum(n > limit for n in lengths), "skipped_bad_rows": 0}
-    assert len(train_set) + len(val_set) == 48 and max(len(ex.ids) for ex in train_set + val_set) == limit
-    # a cut that leaves no reply token drops the example (the log says so)
+    longer = sum(n > limit for n in lengths)
+    assert {k: counts[k] for k in ("cut_examples", "shortened_examples", "dropped_examples", "skipped_bad_rows")} \
+        == {"cut_examples": 0, "shortened_examples": longer, "dropped_examples": 0, "skipped_bad_rows": 0}
+    assert len(train_set) + len(val_set) == 48 and max(len(ex.ids) for ex in train_set + val_set) <= limit
+    eot = tokenizer.special["<|eot_id|>"]
+    for ex in train_set + val_set:
+        reply = tokenizer.decode(ex.ids[ex.is_target].tolist())
+        assert ex.ids[-1] == eot and ex.is_target[-1] and reply.splitlines()[-1].startswith("Emotion: ")
+    # no room for the answer line: dropped (the log says so)
     prompt = max(len(tokenizer.render(data.prompt_messages("q2ra", r), add_generation_prompt=True)[0])
                  for r in assets.rows[:48])
     train_set, val_set, counts = train.load_examples(replace(cfg, max_seq_len=prompt), tokenizer)
-    assert counts["truncated_examples"] == 48 and len(train_set) + len(val_set) < 48
+    assert counts["dropped_examples"] > 0 and counts["shortened_examples"] + counts["dropped_examples"] == 48
+    assert len(train_set) + len(val_set) == counts["shortened_examples"]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(assets.augmented.read_text() + json.dumps({"text": "x", "label": "boredom", "reasoning": "r"}) + "\n")
@@ -275,7 +285,7 @@ def test_tiny_model_overfits_tiny_dataset(assets, tmp_path, grad_checkpointing):
     assert train.validation_loss(Llama.from_pretrained(best), batches, bf16=False) == pytest.approx(min(val), rel=1e-5)
 
 
-def test_compiled_blocks_train_like_eager_ones(assets, tmp_path, uninterrupted):
+def test_compiled_blocks_train_like_eager_ones(assets, tmp_path, uninterrupted, fresh_dynamo):
     """--compile sends each block through inductor (on CPU: generated C++), with sequence lengths
     that change from batch to batch: the run follows the eager one to float rounding, and its
     checkpoints keep their parameter names."""
@@ -286,7 +296,6 @@ def test_compiled_blocks_train_like_eager_ones(assets, tmp_path, uninterrupted):
         assert ours[2:5] == pytest.approx(eager[2:5], rel=1e-4)  # loss, lr, gradient norm
     assert Llama.from_pretrained(tmp_path / "last").state_dict().keys() == \
         Llama.from_pretrained(Path(uninterrupted) / "last").state_dict().keys()
-    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
@@ -355,6 +364,22 @@ def test_resume_refuses_a_different_run(assets, tmp_path, uninterrupted):
         train.train(replace(cfg, lr=0.1, resume=True))
     with pytest.raises(FileNotFoundError, match="train_state.pt"):
         train.train(replace(cfg, out=str(tmp_path / "nothing"), resume=True))
+
+
+def test_resume_after_a_crash_between_the_renames_of_a_save(assets, tmp_path, uninterrupted, capsys):
+    """model.replace_dir swaps OUT/last out to OUT/.last.old-PID, then renames the new checkpoint
+    in: a crash between the two leaves no OUT/last. --resume puts the old one back, says so, and
+    continues from it exactly; a torn .last.old-* (no train_state.pt) is never taken."""
+    cfg = run_config(assets, tmp_path)
+    train.train(replace(cfg, max_steps=6))
+    (tmp_path / "last").rename(tmp_path / ".last.old-12345")  # what the crash leaves
+    (tmp_path / ".last.old-99999").mkdir()                      # torn: not a checkpoint
+    capsys.readouterr()
+    train.train(replace(cfg, resume=True))
+    err = capsys.readouterr().err
+    assert "restored it from .last.old-12345" in err and "resumed at step 6" in err
+    assert not (tmp_path / ".last.old-12345").exists()
+    assert_same_run(tmp_path, uninterrupted, extra_eval_at=6)
 
 
 def test_metrics_after_the_restart_point_are_dropped(tmp_path):
@@ -459,3 +484,99 @@ def test_help_documents_every_flag(capsys):
 def test_cli_flags_round_trip():
     cfg = TrainConfig(task="rgen", data="d", out="o", lr=2e-5, epochs=1.5, grad_checkpointing=True, max_steps=7)
     assert train.parse_args(cli_args(cfg)) == cfg
+
+
+# ----------------------------------------------------------------------------- a fair comparison (issue 11)
+
+def test_q2a_and_q2ra_train_on_the_same_rows(assets, tmp_path):
+    """--max-examples takes the N lowest ids, not the first N lines: stage 2 writes its rows as
+    they finish (shortest texts first), so the first lines of its file are another set."""
+    tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
+    completion_order = sorted(assets.rows[:48], key=lambda r: (len(r["text"]), -r["id"]))
+    augmented = write_jsonl(tmp_path / "train.jsonl", completion_order, ("id", "text", "label", "reasoning"))
+    prompts = {}
+    for task, source in (("q2a", assets.emotion), ("q2ra", augmented)):
+        cfg = TrainConfig(task=task, data=str(source), out="", val_examples=0, max_examples=10)
+        train_set = train.load_examples(cfg, tokenizer)[0]
+        prompts[task] = sorted(tuple(ex.ids[~ex.is_target].tolist()) for ex in train_set)  # the user turns
+    first_ids = sorted(tuple(ex.ids[~ex.is_target].tolist()) for ex in examples_of("q2a", tokenizer, assets.rows[:10]))
+    assert prompts["q2a"] == prompts["q2ra"] == first_ids
+
+
+def test_the_longest_q2ra_target_parses_within_the_default_budget(assets, tmp_path):
+    """A reasoning as long as stage 2's cap, then the answer line: the checkpoint's default
+    reply budget (what eval.py uses) holds every training reply whole, end-of-turn included."""
+    import eval as evaluation
+    tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
+    cap = data.DEFAULT_REASONING_TOKENS
+    long_text = " ".join(f"The word {w} suggests {label}." for label, words in WORDS.items() for w in words.split())
+    rows = [dict(row) for row in assets.rows[:8]]
+    rows[3]["reasoning"] = tokenizer.decode(tokenizer.encode(long_text * 4)[:cap])  # as stage 2 writes a capped one
+    augmented = write_jsonl(tmp_path / "train.jsonl", rows, ("id", "text", "label", "reasoning"))
+    data.write_json(data.settings_path(augmented), {"task": "rgen", "max_new_tokens": cap})
+    out = tmp_path / "run"
+    train.train(run_config(assets, out, task="q2ra", data=str(augmented), val_examples=0, max_steps=1,
+                           batch_size=8, grad_accum=1))
+    recorded = json.loads((out / "train_config.json").read_text())
+    budget, source = evaluation.reply_budget(data.Tokenizer.from_dir(out / "best"), "q2ra")
+    assert source == str(out / "best" / "generation_config.json") and budget == recorded["max_new_tokens"] > cap
+    assert recorded["reasoning_tokens"] == cap
+    replies = [[i for i, m in zip(*tokenizer.render(data.example_messages("q2ra", row))) if m] for row in rows]
+    assert max(len(reply) for reply in replies) > cap  # the capped reasoning's target is longer than the cap
+    for row, reply in zip(rows, replies):
+        assert len(reply) <= budget  # every token, the end-of-turn one included: never cut off
+        assert evaluation.parse_label("q2ra", tokenizer.decode(reply[:budget])) == row["label"]
+
+
+def test_a_checkpoint_serves_the_prompt_it_was_trained_on(assets, tmp_path, meta_tokenizer_dir):
+    """Meta's Llama 3.2 tokenizer (base model: no chat template, eos <|end_of_text|>), a tiny
+    random Llama with its vocabulary, llama3 rope scaling and tied embeddings, one step of
+    train.py: the saved folder's chat template gives transformers exactly our prompt."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = data.Tokenizer.from_dir(meta_tokenizer_dir)
+    config = LlamaConfig(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=500000.0,
+                         rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192},
+                         max_position_embeddings=131072, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
+    torch.manual_seed(0)
+    base = Llama(config).save_pretrained(tmp_path / "base", tokenizer.serving_files())
+    out = tmp_path / "run"
+    proc = start_cli(["--task", "q2a", "--model", str(base), "--data", str(assets.emotion), "--out", str(out),
+                      "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--val-examples", "2",
+                      "--dtype", "fp32", "--device", "cpu"])
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+
+    saved = out / "best"
+    ours = data.Tokenizer.from_dir(saved)
+    assert ours.stop_ids >= {128001, 128008, 128009} and ours.bos_id == 128000
+    assert "Cutting Knowledge" not in json.loads((saved / "tokenizer_config.json").read_text())["chat_template"]
+    hf = transformers.AutoTokenizer.from_pretrained(str(saved))
+    row = assets.rows[0]
+    for messages, prompt in ((data.prompt_messages("q2a", row), True), (data.example_messages("q2a", row), False),
+                             ([{"role": "system", "content": "Be brief."}] + data.example_messages("q2ra", row), False)):
+        ids = ours.render(messages, add_generation_prompt=prompt)[0]
+        out_ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt)
+        assert list(out_ids["input_ids"] if hasattr(out_ids, "keys") else out_ids) == ids
+        assert ids.count(128000) == 1 and ids[0] == 128000
+    generation = transformers.GenerationConfig.from_pretrained(str(saved))
+    assert set(generation.eos_token_id) >= {128001, 128008, 128009}
+    model = transformers.LlamaForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    ids = torch.tensor([ours.render(data.prompt_messages("q2a", row), add_generation_prompt=True)[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, Llama.from_pretrained(saved)(ids), atol=1e-5, rtol=1e-4)
+
+
+def test_rgen_columns_flag_names_the_columns(assets, tmp_path):
+    tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
+    rows = [{"q": r["question"], "a": r["answer"], "why": r["reasoning"]} for r in assets.rgen_rows]
+    source = write_jsonl(tmp_path / "train.jsonl", rows, ("q", "a", "why"))
+    cfg = TrainConfig(task="rgen", data=str(source), out="", val_examples=0)
+    with pytest.raises(ValueError, match="--rgen-columns question=COL,answer=COL,reasoning=COL"):
+        train.load_examples(cfg, tokenizer)
+    cli = train.parse_args(["--task", "rgen", "--data", str(source), "--out", "x",
+                            "--rgen-columns", "question=q,answer=a,reasoning=why"])
+    train_set = train.load_examples(replace(cli, val_examples=0), tokenizer)[0]
+    assert [ex.ids.tolist() for ex in train_set] == [ex.ids.tolist() for ex in examples_of("rgen", tokenizer, assets.rgen_rows)]
