@@ -73,7 +73,9 @@ import torch.nn.functional as F
 import data
 import generate
 import train
-from model import Llama, LlamaConfig, resolve_checkpoint
+import checkpoint
+from checkpoint import resolve_checkpoint
+from model import Llama
 
 # A quarter of Llama-3.2-1B in every width (hidden 2048, MLP 8192, 32/8 heads, vocab 128256), 4 of
 # its 16 layers, the same head_dim and llama3 rope scaling: mid-size and CPU-friendly.
@@ -141,12 +143,12 @@ def prepare(args, folder: Path) -> tuple[Path, data.Tokenizer]:
     if args.model:
         model_dir = resolve_checkpoint(args.model)  # a folder, or a hub id downloaded once
         try:
-            return model_dir, data.Tokenizer.from_dir(model_dir)
+            return model_dir, data.Tokenizer(model_dir)
         except FileNotFoundError:  # weights without tokenizer files: a small one serves stage 2
-            config = LlamaConfig.from_json(model_dir / "config.json")
-            return model_dir, data.Tokenizer.from_dir(small_tokenizer(folder / "tok", config.vocab_size))
-    config = LlamaConfig.from_json(args.config) if args.config else LlamaConfig.from_hf(DEFAULT_CONFIG, "DEFAULT_CONFIG")
-    tokenizer = data.Tokenizer.from_dir(small_tokenizer(folder / "tok", config.vocab_size))
+            config = checkpoint.config_from_json(model_dir / "config.json")
+            return model_dir, data.Tokenizer(small_tokenizer(folder / "tok", config.vocab_size))
+    config = checkpoint.config_from_json(args.config) if args.config else checkpoint.config_from_hf(DEFAULT_CONFIG, "DEFAULT_CONFIG")
+    tokenizer = data.Tokenizer(small_tokenizer(folder / "tok", config.vocab_size))
     config.bos_token_id, config.eos_token_id = tokenizer.bos_id, sorted(tokenizer.stop_ids)
     torch.manual_seed(args.seed)
     model = Llama(config)
@@ -154,8 +156,8 @@ def prepare(args, folder: Path) -> tuple[Path, data.Tokenizer]:
         for name, p in model.named_parameters():  # do (not one token repeated), so stop ids can end them
             if p.dim() == 2 and not name.startswith("embed_tokens"):
                 p.normal_(0.0, 0.05)
-    model.save_pretrained(folder / "model", tokenizer.serving_files())
-    return folder / "model", data.Tokenizer.from_dir(folder / "model")
+    checkpoint.save_model(model, folder / "model", tokenizer.serving_files())
+    return folder / "model", data.Tokenizer(folder / "model")
 
 
 def small_tokenizer(out_dir: Path, vocab_size: int) -> Path:
@@ -180,7 +182,7 @@ def emotion_texts(n: int) -> list[str]:
 
 def load(side: str, model_dir: Path, dtype: torch.dtype, device: str):
     if side == "ours":
-        return Llama.from_pretrained(model_dir, dtype, device)
+        return checkpoint.load_model(model_dir, dtype, device)
     import transformers
     transformers.logging.set_verbosity_error()      # no generation-flag warnings
     transformers.logging.disable_progress_bar()     # no "Loading weights" bar
@@ -640,7 +642,7 @@ def run(args) -> dict:
                 "transformers_attention": b.hf.config._attn_implementation, "transformers_cache": "DynamicCache",
                 "transformers_optimizer": "torch AdamW(fused=True)",
                 "model": str(args.model or args.config or "DEFAULT_CONFIG (random weights)"),
-                "config": b.ours.config.to_hf(), "params": b.ours.num_params(), "flop_params": b.n_flop,
+                "config": checkpoint.config_to_hf(b.ours.config), "params": b.ours.num_params(), "flop_params": b.n_flop,
                 "max_abs_logit_diff": logit_diff, "reps": args.reps, "warmup": args.warmup,
                 "train_reps": args.train_reps, "train_warmup": args.train_warmup, "new_tokens": args.new_tokens,
                 "target_frac": args.target_frac, "compile_train": args.compile_train}

@@ -120,15 +120,6 @@ class Tokenizer:
                       eos_id, self.special[END_TOKENS[self.chat_format][0]]]
         self.pad_id = next(i for i in candidates if i is not None)
 
-    @classmethod
-    def from_dir(cls, path_or_hub_id) -> "Tokenizer":
-        """A local folder, or a hub id such as meta-llama/Llama-3.2-1B-Instruct (downloaded once)."""
-        folder = Path(path_or_hub_id).expanduser()
-        if not folder.is_dir():
-            from model import resolve_checkpoint  # imported here: model.py pulls in torch
-            folder = resolve_checkpoint(path_or_hub_id)
-        return cls(folder)
-
     def _config_token_id(self, key: str) -> int | None:
         name = self.config.get(key)
         name = name.get("content") if isinstance(name, dict) else name  # older configs store a dict

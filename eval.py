@@ -382,15 +382,16 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
         raise ValueError("logprob scoring needs replies that are just the label: q2a only, not q2ra")
     import data as data_module
     from generate import resolve_device_dtype
-    from model import Llama
+    import checkpoint
 
     device, dtype = resolve_device_dtype(device, dtype)
     t0 = time.perf_counter()
     rows = data_module.read_emotion(data, split)[:limit]
     if not rows:
         raise ValueError(f"{data}: split '{split}' has no rows")
-    tokenizer = data_module.Tokenizer.from_dir(model_dir)
-    model = Llama.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    folder = checkpoint.resolve_checkpoint(model_dir)  # a hub id is downloaded once
+    tokenizer = data_module.Tokenizer(folder)
+    model = checkpoint.load_model(folder, dtype=dtype, device=device).eval()
     conversations = [data_module.prompt_messages(task, row) for row in rows]
     load_s = time.perf_counter() - t0
 

@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from data import DEFAULT_REASONING_TOKENS, settings_path, write_atomic, write_json
+import checkpoint
 from model import KVCache, Llama
 from train import all_sum, barrier, distributed, rank_and_world
 
@@ -117,13 +118,17 @@ def prefill(model: Llama, prompts: list[list[int]]) -> tuple[torch.Tensor, KVCac
         ids[b, :len(p)] = torch.tensor(p)
         mask[b, :len(p)] = 1
     cache = model.new_cache(B, T)
-    logits = model(ids.to(device), mask.to(device), cache=cache, last_only=True)[:, -1]
+    mask = mask.to(device)
+    logits = model(ids.to(device), mask, cache=cache, last_only=True)[:, -1]
+    cache.advance(T, mask.sum(1))
     return logits, cache
 
 
 def decode_one_token(model: Llama, tokens, cache) -> torch.Tensor:
     """Feed one token per row (B,) after what the cache holds; next-token logits (B, V)."""
-    return model(tokens[:, None], cache=cache)[:, -1]
+    logits = model(tokens[:, None], cache=cache)[:, -1]
+    cache.advance(1)
+    return logits
 
 
 eager_decode_one_token = decode_one_token  # compile_decode always wraps this one, even when called twice
@@ -474,8 +479,9 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
                "hit_limit": 0, "empty": 0}
     start = time.time()
     if mine:  # a finished file needs no model
-        model = Llama.from_pretrained(model_dir, dtype, device).eval()
-        tokenizer = data_lib.Tokenizer.from_dir(model_dir)
+        folder = checkpoint.resolve_checkpoint(model_dir)  # a hub id is downloaded once
+        model = checkpoint.load_model(folder, dtype, device).eval()
+        tokenizer = data_lib.Tokenizer(folder)
         if compile:
             compile_decode(device)
     bar = tqdm(total=len(mine), unit="row", desc="augment" if world == 1 else f"augment (rank 0 of {world})",
@@ -550,8 +556,9 @@ def main(argv=None):
         else:
             import data as data_lib
             device, dtype = resolve_device_dtype(args.device, args.dtype)
-            model = Llama.from_pretrained(args.model, dtype, device).eval()
-            tokenizer = data_lib.Tokenizer.from_dir(args.model)
+            folder = checkpoint.resolve_checkpoint(args.model)
+            model = checkpoint.load_model(folder, dtype, device).eval()
+            tokenizer = data_lib.Tokenizer(folder)
             if args.compile:
                 compile_decode(device)
             messages = ([{"role": "system", "content": args.system}] if args.system else [])

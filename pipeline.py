@@ -291,7 +291,8 @@ def prepare_demo(cfg: PipelineConfig, out: Path) -> PipelineConfig:
     """Write the demo's data, tokenizer and tiny random model under OUT/demo_assets (once), and
     point the config at them. Everything after this runs the real code paths."""
     import torch
-    from model import Llama, LlamaConfig
+    import checkpoint
+    from model import Llama
     assets = out / "demo_assets"
     emotion, rgen = assets / "data" / "emotion", assets / "data" / "reasoning-gen"
     base = assets / "tiny-llama"
@@ -301,9 +302,9 @@ def prepare_demo(cfg: PipelineConfig, out: Path) -> PipelineConfig:
         texts += [m["content"] for r in data.iter_reasoning_gen(rgen)
                   for m in data.example_messages("rgen", r)]
         tokenizer_dir = data.build_tokenizer(texts, assets / "tokenizer", chat_format="llama3", vocab_size=600)
-        config = LlamaConfig.from_json(DEMO_MODEL_CONFIG)
+        config = checkpoint.config_from_json(DEMO_MODEL_CONFIG)
         torch.manual_seed(cfg.seed)
-        Llama(config).save_pretrained(base, data.Tokenizer(tokenizer_dir).serving_files())
+        checkpoint.save_model(Llama(config), base, data.Tokenizer(tokenizer_dir).serving_files())
     return replace(cfg, base_model=str(base), rgen_data=str(rgen), emotion_data=str(emotion), device="cpu",
                    dtype="fp32", lr=5e-4, rgen_examples=cfg.demo_rows, rgen_epochs=cfg.demo_epochs,
                    cls_epochs=cfg.demo_epochs, rgen_max_seq_len=256, cls_max_seq_len=256, batch_size=16,

@@ -64,7 +64,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import Llama, replace_dir, resolve_checkpoint
+import checkpoint
+from checkpoint import replace_dir, resolve_checkpoint
+from model import Llama
 
 
 # ----------------------------------------------------------------------------- config
@@ -472,7 +474,7 @@ def save_last(out: Path, model: Llama, optimizer, progress: dict, files: dict):
     RNG, best validation loss). Both are written into a staging folder that then replaces OUT/last
     in one rename, so a crash mid-save leaves the previous OUT/last whole and consistent."""
     staging = out / ".last.staging"
-    model.save_pretrained(staging, files)
+    checkpoint.save_model(model, staging, files)
     torch.save({**progress, "optimizer": optimizer.state_dict(), "rng": rng_state()}, staging / "train_state.pt")
     replace_dir(staging, out / "last")
 
@@ -590,7 +592,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # data
     base_dir = resolve_checkpoint(cfg.model)
-    tokenizer = data.Tokenizer.from_dir(base_dir)
+    tokenizer = data.Tokenizer(base_dir)
     train_set, val_set, data_counts = load_examples(cfg, tokenizer)
     # Saved with every checkpoint: the tokenizer, our chat template and the reply budget.
     files = tokenizer.serving_files(max_new_tokens=data_counts["max_new_tokens"])
@@ -614,7 +616,7 @@ def train(cfg: TrainConfig) -> Path:
         f"replies up to {data_counts['max_new_tokens']} tokens (the checkpoints' max_new_tokens)")
 
     # model
-    model = Llama.from_pretrained(out / "last" if cfg.resume else base_dir, dtype=torch.float32, device=device)
+    model = checkpoint.load_model(out / "last" if cfg.resume else base_dir, dtype=torch.float32, device=device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
     if cfg.compile:
@@ -642,7 +644,7 @@ def train(cfg: TrainConfig) -> Path:
         if val_loss < progress["best_val_loss"]:
             progress["best_val_loss"] = val_loss
             if rank == 0:
-                model.save_pretrained(out / "best", files)
+                checkpoint.save_model(model, out / "best", files)
         return {"val_loss": val_loss}
 
     # the loop: one optimizer step per iteration, from wherever the run stands to stop_step
@@ -690,7 +692,7 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     if rank == 0:
         if not val_set:  # nothing to select on: the final model is the best we know
-            model.save_pretrained(out / "best", files)
+            checkpoint.save_model(model, out / "best", files)
         log(f"done at step {progress['step']}: best validation loss {progress['best_val_loss']:.4f}, "
             f"{progress['elapsed_s'] / 60:.1f} min in all; best checkpoint: {out / 'best'}")
         plot_losses(out)

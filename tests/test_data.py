@@ -41,7 +41,7 @@ def tok_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toks(tok_dirs):
-    return {fmt: Tokenizer.from_dir(d) for fmt, d in tok_dirs.items()}
+    return {fmt: Tokenizer(d) for fmt, d in tok_dirs.items()}
 
 
 def hf_ids(folder, messages, add_generation_prompt):
@@ -171,7 +171,7 @@ def test_llama32_id_layout(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}))
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
 
-    tok = Tokenizer.from_dir(tmp_path)
+    tok = Tokenizer(tmp_path)
     assert {n: tok.special[n] for n in ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                                         "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>")} == {
         "<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_header_id|>": 128006,
@@ -189,18 +189,18 @@ def test_stop_ids_include_config_eos(tmp_path, tok_dirs, toks):
     import shutil
     shutil.copytree(tok_dirs["chatml"], tmp_path / "model")
     (tmp_path / "model" / "config.json").write_text(json.dumps({"eos_token_id": 5}))
-    assert Tokenizer.from_dir(tmp_path / "model").stop_ids == toks["chatml"].stop_ids | {5}
+    assert Tokenizer(tmp_path / "model").stop_ids == toks["chatml"].stop_ids | {5}
 
 
-def test_from_dir_errors(tmp_path, tok_dirs):
+def test_tokenizer_folder_errors(tmp_path, tok_dirs):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        Tokenizer.from_dir(tmp_path)
+        Tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_bytes((tok_dirs["llama3"] / "tokenizer.json").read_bytes())
     with pytest.raises(FileNotFoundError, match="tokenizer_config.json"):
-        Tokenizer.from_dir(tmp_path)
+        Tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer_config.json: not valid JSON"):
-        Tokenizer.from_dir(tmp_path)
+        Tokenizer(tmp_path)
     # a plain BPE without chat tokens
     build_tokenizer(CORPUS, tmp_path / "plain", vocab_size=300)
     config = json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
@@ -210,13 +210,7 @@ def test_from_dir_errors(tmp_path, tok_dirs):
     plain["post_processor"] = None
     (tmp_path / "plain" / "tokenizer.json").write_text(json.dumps(plain))
     with pytest.raises(ValueError, match=f"{tmp_path / 'plain'}: unknown chat format"):
-        Tokenizer.from_dir(tmp_path / "plain")
-
-
-def test_from_dir_resolves_hub_ids_through_model(monkeypatch, tok_dirs):
-    model = pytest.importorskip("model")
-    monkeypatch.setattr(model, "resolve_checkpoint", lambda path: tok_dirs["chatml"] if path == "org/chat" else None)
-    assert Tokenizer.from_dir("org/chat").chat_format == "chatml"
+        Tokenizer(tmp_path / "plain")
 
 
 @pytest.mark.parametrize("chat_format", ["llama3", "chatml"])
@@ -227,7 +221,7 @@ def test_save_writes_our_chat_template_and_stop_ids(tmp_path, tok_dirs, toks, ch
     (tok_dirs[chat_format] / "tokenizer_config.json").write_text(json.dumps(
         {**original, "chat_template": "{{ 'Cutting Knowledge Date: December 2023' }}"}))
     try:
-        out = Tokenizer.from_dir(tok_dirs[chat_format]).save(tmp_path / "copy", max_new_tokens=42)
+        out = Tokenizer(tok_dirs[chat_format]).save(tmp_path / "copy", max_new_tokens=42)
     finally:
         (tok_dirs[chat_format] / "tokenizer_config.json").write_text(json.dumps(original))
     assert (out / "tokenizer.json").read_bytes() == (tok_dirs[chat_format] / "tokenizer.json").read_bytes()
@@ -236,9 +230,9 @@ def test_save_writes_our_chat_template_and_stop_ids(tmp_path, tok_dirs, toks, ch
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == sorted(toks[chat_format].stop_ids) and generation["max_new_tokens"] == 42
     for messages in CONVERSATIONS.values():
-        assert Tokenizer.from_dir(out).render(messages) == toks[chat_format].render(messages)
+        assert Tokenizer(out).render(messages) == toks[chat_format].render(messages)
         assert hf_ids(out, messages, True) == toks[chat_format].render(messages, add_generation_prompt=True)[0]
-    assert "max_new_tokens" not in json.loads(Tokenizer.from_dir(out).serving_files()["generation_config.json"])
+    assert "max_new_tokens" not in json.loads(Tokenizer(out).serving_files()["generation_config.json"])
 
 
 def test_build_tokenizer_is_deterministic(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import train
+import checkpoint
 from model import Llama
 from test_generate import emotion_file, model_dir, read_rows  # noqa: F401 (model_dir is a fixture)
 from test_train import assets, cli_args, metrics, run_config, wait_for  # noqa: F401 (assets: a fixture)
@@ -61,8 +62,8 @@ def assert_close_runs(out, reference):
         for key in ("loss", "grad_norm", "val_loss"):
             assert a.get(key) == pytest.approx(b.get(key), rel=1e-5), (a["step"], key)
     for name in ("last", "best"):
-        a = Llama.from_pretrained(Path(out) / name).state_dict()
-        b = Llama.from_pretrained(Path(reference) / name).state_dict()
+        a = checkpoint.load_model(Path(out) / name).state_dict()
+        b = checkpoint.load_model(Path(reference) / name).state_dict()
         for key in b:
             torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=f"{name}: {key}")
 

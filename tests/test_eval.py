@@ -13,6 +13,7 @@ import torch
 from eval import (COLUMNS, LABELS, UNPARSED, bootstrap_diff_ci, classification_metrics, compare,
                   confusion_matrix, evaluate, mcnemar_exact, parse_label, reply_logprobs, score_labels,
                   write_report)
+import checkpoint
 from model import Llama, LlamaConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -407,10 +408,10 @@ def test_evaluate_end_to_end(tmp_path):
     source.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in EMOTION_ROWS))
     corpus = [t for t, _ in EMOTION_ROWS] + list(LABELS) + ["Emotion: joy", "The writer is afraid."]
     data.build_tokenizer(corpus, tmp_path / "tok", chat_format="llama3", vocab_size=400)
-    tok = data.Tokenizer.from_dir(tmp_path / "tok")
+    tok = data.Tokenizer(tmp_path / "tok")
     vocab = tokenizers.Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).get_vocab_size()
     model = tiny_model(vocab_size=vocab, eos=sorted(tok.stop_ids), bos=tok.bos_id)
-    model.save_pretrained(tmp_path / "model", tok.serving_files())
+    checkpoint.save_model(model, tmp_path / "model", tok.serving_files())
     n = len(EMOTION_ROWS)
 
     for task, scoring, budget, limit in [("q2a", "generate", None, None), ("q2a", "logprob", None, None),

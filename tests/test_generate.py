@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from generate import JsonlAppender, SamplingConfig, check_meta, done_ids, generate_ids, merge_parts, sample
+import checkpoint
 from model import Llama, LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def test_greedy_equals_transformers_generate(tmp_path):
         attn_implementation="eager")
     ref = transformers.LlamaForCausalLM(hf_config).eval()
     ref.save_pretrained(tmp_path / "hf")
-    ours = Llama.from_pretrained(tmp_path / "hf").eval()
+    ours = checkpoint.load_model(tmp_path / "hf").eval()
     prompts = prompts_of([5, 12, 7], vocab=101, seed=3)
     cfg = SamplingConfig(max_new_tokens=30)
     out = generate_ids(ours, prompts, {2, 3}, cfg, batch_size=3)
@@ -307,12 +308,12 @@ def model_dir(tmp_path_factory):
     import data
     root = tmp_path_factory.mktemp("cli")
     texts = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) for i in range(200)]
-    tokenizer = data.Tokenizer.from_dir(data.build_tokenizer(texts, root / "tok", chat_format="llama3",
+    tokenizer = data.Tokenizer(data.build_tokenizer(texts, root / "tok", chat_format="llama3",
                                                              vocab_size=300))
     model = tiny_model(vocab=tokenizer.vocab_size, std=0.1, hidden_size=384, intermediate_size=1024,
                        num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, head_dim=64,
                        bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
-    model.save_pretrained(root / "model", tokenizer.serving_files())
+    checkpoint.save_model(model, root / "model", tokenizer.serving_files())
     return root / "model"
 
 
@@ -330,7 +331,7 @@ def test_cli_prompt_streams_the_reply_and_help_runs(model_dir):
     proc = run_cli("--model", model_dir, "--prompt", "my friend is happy", "--system", "be brief",
                    "--max-new-tokens", 12)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "my friend is happy"}]
-    expected = generate(Llama.from_pretrained(model_dir).eval(), data.Tokenizer.from_dir(model_dir), [messages],
+    expected = generate(checkpoint.load_model(model_dir).eval(), data.Tokenizer(model_dir), [messages],
                         SamplingConfig(max_new_tokens=12), progress=False)[0]
     assert expected["n_tokens"] > 0 and proc.stdout == expected["text"] + "\n"
     help_text = run_cli("--help").stdout

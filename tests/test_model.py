@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig as HFConfig, LlamaForCausalLM  # noqa: E402
 
+import checkpoint
 from model import Llama, LlamaConfig, rope_inv_freq  # noqa: E402
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -32,7 +33,7 @@ def make_pair(tmp_path, **kw):
     torch.manual_seed(0)
     ref = LlamaForCausalLM(hf_config(**kw)).eval()
     ref.save_pretrained(tmp_path / "hf")
-    ours = Llama.from_pretrained(tmp_path / "hf").eval()
+    ours = checkpoint.load_model(tmp_path / "hf").eval()
     return ref, ours
 
 
@@ -57,7 +58,7 @@ def test_rope_bands_and_tables_at_long_positions():
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     hf = hf_config(max_position_embeddings=200_000)
-    config = LlamaConfig.from_hf(hf.to_dict())
+    config = checkpoint.config_from_hf(hf.to_dict())
     inv = rope_inv_freq(config)
     base = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
     wavelen = 2 * math.pi / base
@@ -107,14 +108,14 @@ def test_bf16_close_to_transformers_bf16(tmp_path):
 def test_our_checkpoint_loads_in_transformers(tmp_path):
     for tied in (True, False):
         torch.manual_seed(1)
-        config = LlamaConfig.from_hf(hf_config(tied=tied).to_dict())
+        config = checkpoint.config_from_hf(hf_config(tied=tied).to_dict())
         ours = Llama(config).eval()
-        ours.save_pretrained(tmp_path / f"ours{tied}")
+        checkpoint.save_model(ours, tmp_path / f"ours{tied}")
         ref = LlamaForCausalLM.from_pretrained(tmp_path / f"ours{tied}", attn_implementation="eager").eval()
         ids = torch.randint(0, 101, (2, 17))
         with torch.no_grad():
             torch.testing.assert_close(ref(ids).logits, ours(ids), **TOL)
-        assert Llama.from_pretrained(tmp_path / f"ours{tied}").config == config
+        assert checkpoint.load_model(tmp_path / f"ours{tied}").config == config
 
 
 def test_sharded_checkpoints_round_trip(tmp_path):
@@ -123,8 +124,8 @@ def test_sharded_checkpoints_round_trip(tmp_path):
     assert (tmp_path / "hf_sharded" / "model.safetensors.index.json").is_file()
     ids = torch.randint(0, 101, (1, 12))
     with torch.no_grad():
-        torch.testing.assert_close(Llama.from_pretrained(tmp_path / "hf_sharded")(ids), ref(ids).logits, **TOL)
-        ours.save_pretrained(tmp_path / "ours_sharded", max_shard_bytes=20_000)
+        torch.testing.assert_close(checkpoint.load_model(tmp_path / "hf_sharded")(ids), ref(ids).logits, **TOL)
+        checkpoint.save_model(ours, tmp_path / "ours_sharded", max_shard_bytes=20_000)
         index = json.loads((tmp_path / "ours_sharded" / "model.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) > 1
         back = LlamaForCausalLM.from_pretrained(tmp_path / "ours_sharded", attn_implementation="eager")
@@ -133,8 +134,8 @@ def test_sharded_checkpoints_round_trip(tmp_path):
 
 def test_save_is_atomic_and_writes_the_files_given(tmp_path):
     _, ours = make_pair(tmp_path)
-    ours.save_pretrained(tmp_path / "out", {"tokenizer.json": "{}", "extra.bin": b"\x00"})
-    ours.save_pretrained(tmp_path / "out", {"tokenizer.json": "{}", "extra.bin": b"\x00"})  # overwrite in place
+    checkpoint.save_model(ours, tmp_path / "out", {"tokenizer.json": "{}", "extra.bin": b"\x00"})
+    checkpoint.save_model(ours, tmp_path / "out", {"tokenizer.json": "{}", "extra.bin": b"\x00"})  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no temp folders left
     assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
     assert (tmp_path / "out" / "extra.bin").read_bytes() == b"\x00"
@@ -142,7 +143,7 @@ def test_save_is_atomic_and_writes_the_files_given(tmp_path):
 
 def test_from_pretrained_dtype_and_config_fields(tmp_path):
     _, _ = make_pair(tmp_path)
-    model = Llama.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    model = checkpoint.load_model(tmp_path / "hf", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
     assert model.lm_head.weight is model.embed_tokens.weight
     assert model.config.eos_token_id == [2, 3] and model.config.rope_scaling["factor"] == 32.0
@@ -170,12 +171,14 @@ def test_kv_cache_prefill_and_decode_equal_full_forward(tmp_path, lengths, stati
         alone = [ours(s[None])[0] for s in seqs]
         cache = ours.new_cache(B, T + steps, static=static)
         prefill = ours(ids, mask, cache=cache)
+        cache.advance(T, mask.sum(1))                    # the caller counts what it wrote
         last = ours(ids, mask, cache=ours.new_cache(B, T), last_only=True)
         for b, n in enumerate(lengths):
             torch.testing.assert_close(prefill[b, :n], alone[b][:n], **TOL)
             torch.testing.assert_close(last[b, 0], alone[b][n - 1], **TOL)
         for t in range(steps):
             step = ours(torch.stack([s[n + t] for s, n in zip(seqs, lengths)])[:, None], cache=cache)
+            cache.advance(1)
             for b, n in enumerate(lengths):
                 torch.testing.assert_close(step[b, 0], alone[b][n + t], **TOL)
     assert cache.lengths.tolist() == [n + steps for n in lengths]
@@ -191,15 +194,20 @@ def test_kv_cache_select_and_insert_keep_rows(tmp_path):
         full, new_full = ours(ids), ours(newcomer)[0]
         cache = ours.new_cache(3, 8)
         ours(ids[:, :5], cache=cache)
+        assert cache.lengths.tolist() == [0, 0, 0]      # the forward pass writes keys, never counts
+        cache.advance(5)
         cache.select(torch.tensor([0, 2]))
         step = ours(ids[[0, 2], 5:6], cache=cache)
+        cache.advance(1)
         torch.testing.assert_close(step[:, 0], full[[0, 2], 5], **TOL)
         small = ours.new_cache(1, 5)
         ours(newcomer[:, :5], cache=small)
+        small.advance(5)
         cache.insert(torch.tensor([0]), small)          # the newcomer takes row 0's place
         assert cache.lengths.tolist() == [5, 6] and cache.filled == 6
         for t in range(2):
             step = ours(torch.stack([newcomer[0, 5 + t], ids[2, 6 + t]])[:, None], cache=cache)
+            cache.advance(1)
             torch.testing.assert_close(step[0, 0], new_full[5 + t], **TOL)
             torch.testing.assert_close(step[1, 0], full[2, 6 + t], **TOL)
 
@@ -223,12 +231,12 @@ def test_gradient_checkpointing_gives_same_gradients(tmp_path):
 def test_missing_config(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        Llama.from_pretrained(tmp_path / "empty")
+        checkpoint.load_model(tmp_path / "empty")
 
 
 def test_not_a_folder_nor_hub_id(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
-        Llama.from_pretrained(tmp_path / "nope")
+        checkpoint.load_model(tmp_path / "nope")
 
 
 def test_unknown_rope_type_and_missing_field(tmp_path):
@@ -236,11 +244,11 @@ def test_unknown_rope_type_and_missing_field(tmp_path):
     d.pop("rope_parameters", None)
     d["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
-        LlamaConfig.from_hf(d)
+        checkpoint.config_from_hf(d)
     d = hf_config().to_dict()
     del d["hidden_size"]
     with pytest.raises(ValueError, match="missing field 'hidden_size'"):
-        LlamaConfig.from_hf(d)
+        checkpoint.config_from_hf(d)
 
 
 def _rewrite_weights(folder, edit):
@@ -254,18 +262,18 @@ def test_missing_tensor(tmp_path):
     make_pair(tmp_path)
     _rewrite_weights(tmp_path / "hf", lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
-        Llama.from_pretrained(tmp_path / "hf")
+        checkpoint.load_model(tmp_path / "hf")
 
 
 def test_wrong_shape_and_unexpected_tensor(tmp_path):
     make_pair(tmp_path)
     _rewrite_weights(tmp_path / "hf", lambda s: s.update({"model.norm.weight": torch.ones(65)}))
     with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(65,\)"):
-        Llama.from_pretrained(tmp_path / "hf")
+        checkpoint.load_model(tmp_path / "hf")
     _rewrite_weights(tmp_path / "hf", lambda s: s.update({"model.norm.weight": torch.ones(64),
                                                           "model.extra": torch.ones(1)}))
     with pytest.raises(ValueError, match="unexpected tensor 'model.extra'"):
-        Llama.from_pretrained(tmp_path / "hf")
+        checkpoint.load_model(tmp_path / "hf")
 
 
 def test_truncated_safetensors(tmp_path):
@@ -273,7 +281,7 @@ def test_truncated_safetensors(tmp_path):
     file = tmp_path / "hf" / "model.safetensors"
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     with pytest.raises(ValueError, match="model.safetensors: unreadable safetensors file"):
-        Llama.from_pretrained(tmp_path / "hf")
+        checkpoint.load_model(tmp_path / "hf")
 
 
 def test_hub_id_offline_is_one_clear_line(tmp_path):
@@ -281,7 +289,7 @@ def test_hub_id_offline_is_one_clear_line(tmp_path):
     import subprocess
     import sys
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    code = "from model import Llama; Llama.from_pretrained('meta-llama/Llama-3.2-1B-Instruct')"
+    code = "import checkpoint; checkpoint.load_model('meta-llama/Llama-3.2-1B-Instruct')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     last = result.stderr.strip().splitlines()[-1]

@@ -22,6 +22,7 @@ import torch
 
 import data
 import train
+import checkpoint
 from model import Llama, LlamaConfig
 from train import TrainConfig
 
@@ -75,8 +76,8 @@ def assets(tmp_path_factory):
         tokenizer_dir = data.build_tokenizer(texts, root / f"tok-{chat_format}", chat_format=chat_format,
                                              vocab_size=400)
         torch.manual_seed(0)
-        model = Llama(tiny_config(data.Tokenizer.from_dir(tokenizer_dir), tied))
-        models[chat_format] = model.save_pretrained(root / f"model-{chat_format}",
+        model = Llama(tiny_config(data.Tokenizer(tokenizer_dir), tied))
+        models[chat_format] = checkpoint.save_model(model, root / f"model-{chat_format}",
                                                     data.Tokenizer(tokenizer_dir).serving_files())
     return SimpleNamespace(root=root, emotion=emotion, augmented=augmented, rgen=rgen, rows=rows,
                            rgen_rows=rgen_rows, model=models)
@@ -117,7 +118,7 @@ def grads(model, micro_batches):
 def test_loss_positions_predict_exactly_the_reply(assets, task, chat_format):
     """Through encode_example, right padding and the shift by one: the tokens that get a loss,
     decoded, are exactly the assistant's reply and its end-of-turn token, for every row."""
-    tokenizer = data.Tokenizer.from_dir(assets.model[chat_format])
+    tokenizer = data.Tokenizer(assets.model[chat_format])
     rows = assets.rgen_rows[:4] if task == "rgen" else assets.rows[:4]
     batch = train.collate(examples_of(task, tokenizer, rows), tokenizer.pad_id)
     T = batch.input_ids.shape[1]
@@ -133,7 +134,7 @@ def test_loss_positions_predict_exactly_the_reply(assets, task, chat_format):
 def test_truncation_keeps_the_label_and_is_counted(assets, tmp_path):
     """q2ra examples over --max-seq-len lose the end of their reasoning, never their answer line
     or end-of-turn token; those without room for it are dropped; both are counted."""
-    tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
+    tokenizer = data.Tokenizer(assets.model["llama3"])
     lengths = sorted(len(tokenizer.render(data.example_messages("q2ra", r))[0]) for r in assets.rows[:48])
     limit = lengths[24]  # half the examples are longer
     cfg = TrainConfig(task="q2ra", data=str(assets.augmented), out="", val_examples=4, max_seq_len=limit)
@@ -164,7 +165,7 @@ def test_truncation_keeps_the_label_and_is_counted(assets, tmp_path):
 def test_validation_rows(assets):
     """The emotion 'validation' split when there is one; a seeded held-out slice of a single file;
     rows spread over the whole reasoning-gen set."""
-    tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
+    tokenizer = data.Tokenizer(assets.model["llama3"])
     cfg = TrainConfig(task="q2a", data=str(assets.emotion), out="", val_examples=5, max_examples=20)
     train_set, val_set, _ = train.load_examples(cfg, tokenizer)
     assert len(train_set) == 20 and [ex.ids.tolist() for ex in val_set] == \
@@ -219,8 +220,8 @@ def test_batch_order_is_seeded_complete_and_length_grouped():
 def test_gradient_accumulation_equals_one_big_batch(assets):
     """4 micro-batches of 2 and one batch of 8 (unequal lengths, so each micro-batch has its own
     padding and target count) give the same loss and gradients: atol 1e-6, rtol 1e-5 in fp32."""
-    model = Llama.from_pretrained(assets.model["llama3"])
-    tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
+    model = checkpoint.load_model(assets.model["llama3"])
+    tokenizer = data.Tokenizer(assets.model["llama3"])
     examples = examples_of("q2ra", tokenizer, assets.rows[:8])
     assert len({len(ex.ids) for ex in examples}) >= 4
     big = [train.collate(examples, tokenizer.pad_id)]
@@ -244,10 +245,10 @@ def test_loss_matches_transformers(assets, chat_format):
     """Our masked loss == LlamaForCausalLM's loss on the same saved folder, labels -100 off target."""
     from transformers import LlamaForCausalLM
     folder = assets.model[chat_format]
-    tokenizer = data.Tokenizer.from_dir(folder)
+    tokenizer = data.Tokenizer(folder)
     batch = train.collate(examples_of("q2ra", tokenizer, assets.rows[:6]), tokenizer.pad_id)
     with torch.no_grad():
-        ours = train.loss_sum(Llama.from_pretrained(folder), batch, bf16=False) / len(batch.targets)
+        ours = train.loss_sum(checkpoint.load_model(folder), batch, bf16=False) / len(batch.targets)
         T = batch.input_ids.shape[1]
         labels = torch.full_like(batch.input_ids, -100).flatten()
         labels[batch.loss_pos + 1] = batch.targets  # HF shifts the labels itself
@@ -259,8 +260,8 @@ def test_loss_matches_transformers(assets, chat_format):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(assets):
-    model = Llama.from_pretrained(assets.model["chatml"]).train()
-    tokenizer = data.Tokenizer.from_dir(assets.model["chatml"])
+    model = checkpoint.load_model(assets.model["chatml"]).train()
+    tokenizer = data.Tokenizer(assets.model["chatml"])
     micro = [train.collate(examples_of("q2ra", tokenizer, assets.rows[i:i + 3]), tokenizer.pad_id) for i in (0, 3)]
     loss_plain, grads_plain = grads(model, micro)
     model.gradient_checkpointing = True
@@ -279,10 +280,10 @@ def test_tiny_model_overfits_tiny_dataset(assets, tmp_path, grad_checkpointing):
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert min(val) < 0.5 * val[0]
     # best/ holds the model with the lowest validation loss
-    tokenizer = data.Tokenizer.from_dir(best)
+    tokenizer = data.Tokenizer(best)
     val_set = examples_of("q2a", tokenizer, assets.rows[48:60])
     batches = [train.collate(val_set[i:i + 4], tokenizer.pad_id) for i in range(0, len(val_set), 4)]
-    assert train.validation_loss(Llama.from_pretrained(best), batches, bf16=False) == pytest.approx(min(val), rel=1e-5)
+    assert train.validation_loss(checkpoint.load_model(best), batches, bf16=False) == pytest.approx(min(val), rel=1e-5)
 
 
 def test_compiled_blocks_train_like_eager_ones(assets, tmp_path, uninterrupted, fresh_dynamo):
@@ -294,15 +295,15 @@ def test_compiled_blocks_train_like_eager_ones(assets, tmp_path, uninterrupted, 
     assert [row[:2] for row in got] == [row[:2] for row in ref]
     for ours, eager in zip(got, ref):
         assert ours[2:5] == pytest.approx(eager[2:5], rel=1e-4)  # loss, lr, gradient norm
-    assert Llama.from_pretrained(tmp_path / "last").state_dict().keys() == \
-        Llama.from_pretrained(Path(uninterrupted) / "last").state_dict().keys()
+    assert checkpoint.load_model(tmp_path / "last").state_dict().keys() == \
+        checkpoint.load_model(Path(uninterrupted) / "last").state_dict().keys()
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
 
 @pytest.mark.parametrize("chat_format", ["llama3", "chatml"])
 def test_weight_decay_only_on_matrices(assets, chat_format):
-    model = Llama.from_pretrained(assets.model[chat_format])
+    model = checkpoint.load_model(assets.model[chat_format])
     optimizer = train.build_optimizer(model, TrainConfig(task="q2a", data="", out="", weight_decay=0.1),
                                       torch.device("cpu"))
     decay, no_decay = optimizer.param_groups
@@ -340,8 +341,8 @@ def assert_same_run(out, reference, extra_eval_at=None):
     ours = [row[:-1] + (None,) if row[0] == extra_eval_at else row for row in trajectory(out)]
     assert ours == trajectory(reference)
     for name in ("last", "best"):
-        a = Llama.from_pretrained(Path(out) / name).state_dict()
-        b = Llama.from_pretrained(Path(reference) / name).state_dict()
+        a = checkpoint.load_model(Path(out) / name).state_dict()
+        b = checkpoint.load_model(Path(reference) / name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in b), name
 
 
@@ -367,7 +368,7 @@ def test_resume_refuses_a_different_run(assets, tmp_path, uninterrupted):
 
 
 def test_resume_after_a_crash_between_the_renames_of_a_save(assets, tmp_path, uninterrupted, capsys):
-    """model.replace_dir swaps OUT/last out to OUT/.last.old-PID, then renames the new checkpoint
+    """checkpoint.replace_dir swaps OUT/last out to OUT/.last.old-PID, then renames the new checkpoint
     in: a crash between the two leaves no OUT/last. --resume puts the old one back, says so, and
     continues from it exactly; a torn .last.old-* (no train_state.pt) is never taken."""
     cfg = run_config(assets, tmp_path)
@@ -463,11 +464,11 @@ def test_cli_end_to_end(assets, tmp_path):
         assert "no loss.png" in output
 
     from transformers import LlamaForCausalLM
-    ids = torch.tensor([examples_of("q2a", data.Tokenizer.from_dir(out / "last"), assets.rows[:1])[0].ids.tolist()])
+    ids = torch.tensor([examples_of("q2a", data.Tokenizer(out / "last"), assets.rows[:1])[0].ids.tolist()])
     for name in ("best", "last"):
         hf = LlamaForCausalLM.from_pretrained(out / name, dtype=torch.float32).eval()
         with torch.no_grad():
-            torch.testing.assert_close(hf(ids).logits, Llama.from_pretrained(out / name)(ids), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(hf(ids).logits, checkpoint.load_model(out / name)(ids), atol=1e-5, rtol=1e-4)
     assert torch.load(out / "last" / "train_state.pt", weights_only=True)["step"] == 3
 
 
@@ -491,7 +492,7 @@ def test_cli_flags_round_trip():
 def test_q2a_and_q2ra_train_on_the_same_rows(assets, tmp_path):
     """--max-examples takes the N lowest ids, not the first N lines: stage 2 writes its rows as
     they finish (shortest texts first), so the first lines of its file are another set."""
-    tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
+    tokenizer = data.Tokenizer(assets.model["llama3"])
     completion_order = sorted(assets.rows[:48], key=lambda r: (len(r["text"]), -r["id"]))
     augmented = write_jsonl(tmp_path / "train.jsonl", completion_order, ("id", "text", "label", "reasoning"))
     prompts = {}
@@ -507,7 +508,7 @@ def test_the_longest_q2ra_target_parses_within_the_default_budget(assets, tmp_pa
     """A reasoning as long as stage 2's cap, then the answer line: the checkpoint's default
     reply budget (what eval.py uses) holds every training reply whole, end-of-turn included."""
     import eval as evaluation
-    tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
+    tokenizer = data.Tokenizer(assets.model["llama3"])
     cap = data.DEFAULT_REASONING_TOKENS
     long_text = " ".join(f"The word {w} suggests {label}." for label, words in WORDS.items() for w in words.split())
     rows = [dict(row) for row in assets.rows[:8]]
@@ -518,7 +519,7 @@ def test_the_longest_q2ra_target_parses_within_the_default_budget(assets, tmp_pa
     train.train(run_config(assets, out, task="q2ra", data=str(augmented), val_examples=0, max_steps=1,
                            batch_size=8, grad_accum=1))
     recorded = json.loads((out / "train_config.json").read_text())
-    budget, source = evaluation.reply_budget(data.Tokenizer.from_dir(out / "best"), "q2ra")
+    budget, source = evaluation.reply_budget(data.Tokenizer(out / "best"), "q2ra")
     assert source == str(out / "best" / "generation_config.json") and budget == recorded["max_new_tokens"] > cap
     assert recorded["reasoning_tokens"] == cap
     replies = [[i for i, m in zip(*tokenizer.render(data.example_messages("q2ra", row))) if m] for row in rows]
@@ -533,7 +534,7 @@ def test_a_checkpoint_serves_the_prompt_it_was_trained_on(assets, tmp_path, meta
     random Llama with its vocabulary, llama3 rope scaling and tied embeddings, one step of
     train.py: the saved folder's chat template gives transformers exactly our prompt."""
     transformers = pytest.importorskip("transformers")
-    tokenizer = data.Tokenizer.from_dir(meta_tokenizer_dir)
+    tokenizer = data.Tokenizer(meta_tokenizer_dir)
     config = LlamaConfig(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=500000.0,
                          rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -541,7 +542,7 @@ def test_a_checkpoint_serves_the_prompt_it_was_trained_on(assets, tmp_path, meta
                          max_position_embeddings=131072, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
     torch.manual_seed(0)
-    base = Llama(config).save_pretrained(tmp_path / "base", tokenizer.serving_files())
+    base = checkpoint.save_model(Llama(config), tmp_path / "base", tokenizer.serving_files())
     out = tmp_path / "run"
     proc = start_cli(["--task", "q2a", "--model", str(base), "--data", str(assets.emotion), "--out", str(out),
                       "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--val-examples", "2",
@@ -550,7 +551,7 @@ def test_a_checkpoint_serves_the_prompt_it_was_trained_on(assets, tmp_path, meta
     assert proc.returncode == 0, output
 
     saved = out / "best"
-    ours = data.Tokenizer.from_dir(saved)
+    ours = data.Tokenizer(saved)
     assert ours.stop_ids >= {128001, 128008, 128009} and ours.bos_id == 128000
     assert "Cutting Knowledge" not in json.loads((saved / "tokenizer_config.json").read_text())["chat_template"]
     hf = transformers.AutoTokenizer.from_pretrained(str(saved))
@@ -566,11 +567,11 @@ def test_a_checkpoint_serves_the_prompt_it_was_trained_on(assets, tmp_path, meta
     model = transformers.LlamaForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
     ids = torch.tensor([ours.render(data.prompt_messages("q2a", row), add_generation_prompt=True)[0]])
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, Llama.from_pretrained(saved)(ids), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model(ids).logits, checkpoint.load_model(saved)(ids), atol=1e-5, rtol=1e-4)
 
 
 def test_rgen_columns_flag_names_the_columns(assets, tmp_path):
-    tokenizer = data.Tokenizer.from_dir(assets.model["llama3"])
+    tokenizer = data.Tokenizer(assets.model["llama3"])
     rows = [{"q": r["question"], "a": r["answer"], "why": r["reasoning"]} for r in assets.rgen_rows]
     source = write_jsonl(tmp_path / "train.jsonl", rows, ("q", "a", "why"))
     cfg = TrainConfig(task="rgen", data=str(source), out="", val_examples=0)
