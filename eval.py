@@ -381,7 +381,7 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
     if scoring == "logprob" and task != "q2a":
         raise ValueError("logprob scoring needs replies that are just the label: q2a only, not q2ra")
     import data as data_module
-    from generate import resolve_device_dtype
+    from runtime import resolve_device_dtype
     import checkpoint
 
     device, dtype = resolve_device_dtype(device, dtype)

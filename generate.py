@@ -45,7 +45,7 @@ from tqdm import tqdm
 from data import DEFAULT_REASONING_TOKENS, settings_path, write_atomic, write_json
 import checkpoint
 from model import KVCache, Llama
-from train import all_sum, barrier, distributed, rank_and_world
+from runtime import DTYPES, all_sum, barrier, distributed, rank_and_world, resolve_device_dtype
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -412,22 +412,6 @@ def check_meta(out_path, meta: dict, force: bool):
             raise ValueError(f"{out_path}: was generated with {', '.join(diff)}; "
                              f"use --force to resume it anyway, or another --out")
     write_json(meta_path, meta)
-
-
-def resolve_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
-    """Defaults: cuda if available, else cpu; bf16 on cuda, fp32 on cpu."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    elif isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    return str(device), dtype
-
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None, batch_size: int = 32,

@@ -54,7 +54,6 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -67,6 +66,7 @@ import data
 import checkpoint
 from checkpoint import replace_dir, resolve_checkpoint
 from model import Llama
+from runtime import all_sum, barrier, distributed, is_main, rank_and_world, sum_gradients
 
 
 # ----------------------------------------------------------------------------- config
@@ -158,77 +158,12 @@ def log(msg: str):
         tqdm.write(f"train: {msg}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------- distributed
-# Under torchrun every rank runs this whole file on its own device, with all the data and a
+# ----------------------------------------------------------------------------- data
+# Under torchrun (runtime.distributed) every rank runs this whole file, with all the data and a
 # whole copy of the model. An optimizer step's micro-batches are dealt out to the ranks, the
 # loss of each is divided by the target tokens of the whole step (all ranks), and the gradients
 # are summed over the ranks before clipping and the AdamW step, which then run identically on
 # every rank: the copies never drift apart, and no parameters need to be exchanged.
-
-@contextmanager
-def distributed(device: str = ""):
-    """Under torchrun (RANK is set), join its process group for the duration: NCCL on CUDA, where
-    LOCAL_RANK picks the GPU, gloo on CPU. Otherwise there is one process and nothing to join.
-    Yields the device this process uses."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" not in os.environ:
-        yield device
-        return
-    cuda = device.startswith("cuda")
-    if cuda:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    # A long timeout: the other ranks wait in a collective while rank 0 writes a checkpoint
-    # (or, in generate.py, until the slowest rank has finished its rows).
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1),
-                            device_id=torch.device(device) if cuda else None)
-    try:
-        yield device
-    finally:
-        dist.destroy_process_group()
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(this process's rank, the number of ranks): (0, 1) without a process group."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def is_main() -> bool:
-    return rank_and_world()[0] == 0
-
-
-def all_sum(values: list, device) -> list:
-    """values summed over the ranks (in float64: exact for counts); as they are without a process group."""
-    if not dist.is_initialized():
-        return values
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.tolist()
-
-
-def sum_gradients(model: Llama):
-    """Sum every gradient over the ranks; a rank without a micro-batch in this step adds zeros.
-
-    By hand, once per optimizer step, rather than by a DistributedDataParallel wrapper: DDP
-    synchronises only through its wrapper's forward, which train.py bypasses (it calls
-    model.hidden_states and model.lm_head itself), and a rank without a micro-batch (an epoch's
-    last step may be short) would run no backward pass for DDP's hooks. What this gives up is
-    DDP's overlap of the communication with the last backward pass: little beside the
-    grad_accum / N micro-batches of compute of a step."""
-    if not dist.is_initialized():
-        return
-    for p in model.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------- data
 
 class Example(NamedTuple):
     ids: torch.Tensor        # (T,) int32 token ids of the whole conversation

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
 import checkpoint
-from model import Llama
+import train
 from test_generate import emotion_file, model_dir, read_rows  # noqa: F401 (model_dir is a fixture)
 from test_train import assets, cli_args, metrics, run_config, wait_for  # noqa: F401 (assets: a fixture)
 

@@ -8,8 +8,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig as HFConfig, LlamaForCausalLM  # noqa: E402
 
-import checkpoint
-from model import Llama, LlamaConfig, rope_inv_freq  # noqa: E402
+import checkpoint  # noqa: E402
+from model import Llama, rope_inv_freq  # noqa: E402
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # head_dim 16, theta 10000, original context 64: wavelengths 6.3, 20, 63, 199, ... tokens put

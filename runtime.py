@@ -1,0 +1,100 @@
+"""Processes and devices, below every stage: torchrun's process group, rank and world, the
+all-reduce helpers and the barrier that training, stage 2 and evaluation share, and the
+default device and dtype.
+
+Without torchrun there is one process, and every helper here does what one process needs:
+all_sum returns its values, barrier returns at once, sum_gradients does nothing.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------- processes
+# Under torchrun every rank runs the whole stage on its own device, with a whole copy of the
+# model; the stage deals out its work (train.py: each step's micro-batches; stage 2: the rows)
+# and meets the other ranks only in these collectives.
+
+@contextmanager
+def distributed(device: str = ""):
+    """Under torchrun (RANK is set), join its process group for the duration: NCCL on CUDA, where
+    LOCAL_RANK picks the GPU, gloo on CPU. Otherwise there is one process and nothing to join.
+    Yields the device this process uses."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        yield device
+        return
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    # A long timeout: the other ranks wait in a collective while rank 0 writes a checkpoint
+    # (or, in generate.py, until the slowest rank has finished its rows).
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1),
+                            device_id=torch.device(device) if cuda else None)
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of ranks): (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def all_sum(values: list, device) -> list:
+    """values summed over the ranks (in float64: exact for counts); as they are without a process group."""
+    if not dist.is_initialized():
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def sum_gradients(model: torch.nn.Module):
+    """Sum every gradient over the ranks; a rank without a micro-batch in this step adds zeros.
+
+    By hand, once per optimizer step, rather than by a DistributedDataParallel wrapper: DDP
+    synchronises only through its wrapper's forward, which train.py bypasses (it calls
+    model.hidden_states and model.lm_head itself), and a rank without a micro-batch (an epoch's
+    last step may be short) would run no backward pass for DDP's hooks. What this gives up is
+    DDP's overlap of the communication with the last backward pass: little beside the
+    grad_accum / N micro-batches of compute of a step."""
+    if not dist.is_initialized():
+        return
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- devices
+
+def resolve_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
+    """Defaults: cuda if available, else cpu; bf16 on cuda, fp32 on cpu."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    return str(device), dtype
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
