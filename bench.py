@@ -31,7 +31,7 @@ training torch's fused AdamW (its Trainer's default, adamw_torch_fused). The fig
              is the wall time to generate n tokens, so prefill is not counted. Ours:
              generate.generate_ids; transformers: generate(do_sample=False, min_new_tokens=N,
              max_new_tokens=N). Both produce exactly N tokens per row.
-  decode_compiled  batch-1 decode as above, ours with generate.compile_decode (torch.compile of the
+  decode_compiled  batch-1 decode as above, ours with generate.compiled_decoder (torch.compile of the
              decode step over a static cache: inductor, with a C++ wrapper on CPU; on CUDA replayed as a CUDA graph), beside
              transformers' default generate (on this CPU, its static cache with a compiled forward
              measured no faster than its default).
@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import copy
 import json
 import os
@@ -254,13 +253,14 @@ def prefill_fns(ours, hf, ids, device) -> dict:
     return {"ours": rate(B * T, run_ours, device), "transformers": rate(B * T, run_hf, device)}
 
 
-def decode_fns(ours, hf, ids, n_new: int, device) -> dict:
+def decode_fns(ours, hf, ids, n_new: int, device, decoder=generate.EAGER) -> dict:
     """New tokens/s: B * (n_new - 1) / (t(n_new) - t(1)), exactly n_new greedy tokens per row on
-    both sides (no stop ids for ours, min_new_tokens for transformers)."""
+    both sides (no stop ids for ours, min_new_tokens for transformers). decoder: ours's decode step."""
     prompts, mask = ids.tolist(), torch.ones_like(ids)
 
     def run_ours(n):
-        generate.generate_ids(ours, prompts, set(), generate.SamplingConfig(max_new_tokens=n), batch_size=len(ids))
+        generate.generate_ids(ours, prompts, set(), generate.SamplingConfig(max_new_tokens=n), batch_size=len(ids),
+                              decoder=decoder)
 
     @torch.inference_mode()
     def run_hf(n):
@@ -530,17 +530,6 @@ def cpu_seconds() -> tuple[float, float]:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own
 
 
-@contextlib.contextmanager
-def compiled_decode(device: str):
-    """generate.compile_decode(device) for the duration (its first steps, timed in the warm-up, compile)."""
-    saved = generate.decode_one_token, generate.static_cache
-    generate.compile_decode(device)
-    try:
-        yield
-    finally:
-        generate.decode_one_token, generate.static_cache = saved
-
-
 class Bench:
     """The measurements of one run; a (figure, batch, seq, ckpt) point is measured once and may be
     quoted in both sections (a headline point that is also a grid point)."""
@@ -566,17 +555,18 @@ class Bench:
         self.quote(section, ("prefill", B, T), measure)
 
     def decode(self, section, B, T, compiled=False):
-        """Decode figures; compiled: ours with generate.compile_decode (static cache, inductor;
-        CUDA graphs on GPU) beside transformers' default generate."""
+        """Decode figures; compiled: ours with generate.compiled_decoder (static cache, inductor;
+        CUDA graphs on GPU; its first steps, timed in the warm-up, compile) beside transformers'
+        default generate."""
         name = "decode_compiled" if compiled else "decode"
 
         def measure():
             ids = random_ids(B, T, self.ours.config.vocab_size, self.args.seed + 3).to(self.device)
-            fns = decode_fns(self.ours, self.hf, ids, self.args.new_tokens, self.device)
+            decoder = generate.compiled_decoder(self.device) if compiled else generate.EAGER
+            fns = decode_fns(self.ours, self.hf, ids, self.args.new_tokens, self.device, decoder)
             if B == 1:
                 fns["limit"] = weight_read_fn(self.ours, self.device)
-            with compiled_decode(self.device) if compiled else contextlib.nullcontext():
-                reps = interleaved(fns, self.args)
+            reps = interleaved(fns, self.args)
             found = [figure(name, "tokens/s", reps, batch=B, seq=T)]
             if B == 1:
                 found[0]["limit"] = statistics.median(reps["limit"])

@@ -371,7 +371,7 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
     scoring="generate": greedy replies of up to max_new_tokens (default: reply_budget), parsed
     with parse_label. scoring="logprob" (q2a only): the most likely label reply.
     device defaults to cuda when available; dtype (bf16, fp32, fp16 or a torch.dtype) to bf16 on cuda, fp32 on cpu.
-    compile: generate with a torch.compile'd decode step (generate.compile_decode).
+    compile: generate with a torch.compile'd decode step (generate.compiled_decoder).
     Files already in out_dir (default runs/eval) are replaced.
     """
     if task not in TASKS:
@@ -397,14 +397,14 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
 
     t0 = time.perf_counter()
     if scoring == "generate":
-        from generate import SamplingConfig, compile_decode, generate
-        if compile:
-            compile_decode(device)
+        from generate import EAGER, SamplingConfig, compiled_decoder, generate
+        decoder = compiled_decoder(device) if compile else EAGER
         budget_from = "--max-new-tokens" if max_new_tokens else None
         if not max_new_tokens:
             max_new_tokens, budget_from = reply_budget(tokenizer, task)
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-        outputs = generate(model, tokenizer, conversations, cfg, batch_size=batch_size, progress=True)
+        outputs = generate(model, tokenizer, conversations, cfg, batch_size=batch_size, progress=True,
+                           decoder=decoder)
     else:
         max_new_tokens, budget_from = None, None
         outputs = [{"text": label, "n_tokens": 0, "hit_limit": False} for label in

@@ -37,13 +37,14 @@ import zlib
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DEFAULT_REASONING_TOKENS, settings_path, write_atomic, write_json
 import checkpoint
+from data import DEFAULT_REASONING_TOKENS, settings_path, write_atomic, write_json
 from model import KVCache, Llama
 from runtime import DTYPES, all_sum, barrier, distributed, rank_and_world, resolve_device_dtype
 
@@ -131,36 +132,41 @@ def decode_one_token(model: Llama, tokens, cache) -> torch.Tensor:
     return logits
 
 
-eager_decode_one_token = decode_one_token  # compile_decode always wraps this one, even when called twice
-static_cache = False                       # compile_decode: one cache shape for every step
+@dataclass(frozen=True)
+class Decoder:
+    """How generation runs its decode steps: step(model, tokens, cache) -> logits, over caches
+    that are static (read whole every step, the batch keeps its size) or not."""
+    step: Callable = decode_one_token
+    static: bool = False
 
 
-def compile_decode(device="cuda"):
-    """Swap in a torch.compile'd decode step (inductor). Caches become static (every step reads
-    all slots, the batch keeps its size), so every step has the same shapes and compiles once.
-    On CUDA each step is then replayed as one CUDA graph (what "reduce-overhead" does), instead
-    of launching its hundreds of small kernels one by one; on a CPU a C++ wrapper calls the
-    generated kernels with no Python in between."""
-    global decode_one_token, static_cache
+EAGER = Decoder()
+
+
+def compiled_decoder(device="cuda") -> Decoder:
+    """A torch.compile'd decode step (inductor) over static caches: every step has the same
+    shapes and compiles once. On CUDA each step is then replayed as one CUDA graph (what
+    "reduce-overhead" does), instead of launching its hundreds of small kernels one by one; on
+    a CPU a C++ wrapper calls the generated kernels with no Python in between."""
     on_gpu = str(device).startswith("cuda")
     if not on_gpu and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
         raise RuntimeError("--compile on a CPU needs a C++ compiler (g++ or clang++, or one named by $CXX): "
                            "inductor writes the decode step as C++")
     options = {"triton.cudagraphs": True} if on_gpu else {"cpp_wrapper": True}
-    compiled = torch.compile(eager_decode_one_token, options=options, dynamic=False)
+    compiled = torch.compile(decode_one_token, options=options, dynamic=False)
 
     def step(model, tokens, cache):
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer used
         return compiled(model, tokens, cache)
 
-    decode_one_token, static_cache = step, True
+    return Decoder(step, static=True)
 
 
 # ----------------------------------------------------------------------------- continuous batching
 
 @torch.inference_mode()
 def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: SamplingConfig,
-                    batch_size: int = 32, keys=None, on_token=None):
+                    batch_size: int = 32, keys=None, on_token=None, decoder: Decoder = EAGER):
     """Yield (index, result) for every prompt as it finishes, result = dict of ids (without the
     stop id), n_tokens and hit_limit (max_new_tokens reached without a stop id).
 
@@ -169,7 +175,8 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
     cache) as soon as an eighth of the batch is free, so the batch stays nearly full until the
     prompts run out; then finished rows are dropped. Prompts enter shortest first.
     keys: one int per prompt naming its random stream (default: its index).
-    on_token(index, token) is called for every reply token as it comes."""
+    on_token(index, token) is called for every reply token as it comes. decoder: how each
+    decode step runs (EAGER, or compiled_decoder's)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     for i, p in enumerate(prompts):
@@ -194,7 +201,7 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
     # them all (on a GPU a prefill costs about a decode step, whatever its number of rows).
     refill_at = max(1, batch_size // 8)
     first, logits, new_cache, u = admit(batch_size)
-    cache = model.new_cache(len(first), max_len, static=static_cache)
+    cache = model.new_cache(len(first), max_len, static=decoder.static)
     cache.insert(torch.arange(len(first), device=device), new_cache)
     rows = first              # the prompt each batch row works on; None: an idle row
     replies = {i: [] for i in rows}
@@ -217,7 +224,7 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
                 rows[b] = None                          # idle until a waiting prompt takes its place
                 yield i, {"ids": ids, "n_tokens": len(ids), "hit_limit": not stopped}
         if any(i is not None for i in rows):
-            logits = decode_one_token(model, tokens, cache)  # finished rows' logits are replaced or unused
+            logits = decoder.step(model, tokens, cache)  # finished rows' logits are replaced or unused
         idle = [b for b, i in enumerate(rows) if i is None]
         if waiting and len(idle) >= min(refill_at, len(rows)):  # new prompts take the idle rows' places
             new, new_logits, new_cache, new_u = admit(len(idle))
@@ -227,7 +234,7 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
             u = None if u is None else u.index_copy(0, places, new_u)
             for b, i in zip(idle, new):
                 rows[b], replies[i] = i, []
-        if not waiting and None in rows and not static_cache and any(i is not None for i in rows):
+        if not waiting and None in rows and not decoder.static and any(i is not None for i in rows):
             # Nothing waits: drop the idle rows, so that they stop costing compute.
             keep = torch.tensor([b for b, i in enumerate(rows) if i is not None], device=device)
             rows = [i for i in rows if i is not None]
@@ -237,12 +244,12 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
 
 
 def generate_ids(model: Llama, prompts: list[list[int]], stop_ids, cfg: SamplingConfig,
-                 batch_size: int = 32, progress: bool = False, keys=None) -> list[dict]:
-    """Replies to token-id prompts, in input order: generate_stream's results. keys: see there."""
+                 batch_size: int = 32, progress: bool = False, keys=None, decoder: Decoder = EAGER) -> list[dict]:
+    """Replies to token-id prompts, in input order: generate_stream's results. keys, decoder: see there."""
     results = [None] * len(prompts)
     start, n_tokens = time.time(), 0
     bar = tqdm(total=len(prompts), unit="row", disable=not progress, desc="generate")
-    for i, r in generate_stream(model, prompts, stop_ids, cfg, batch_size, keys):
+    for i, r in generate_stream(model, prompts, stop_ids, cfg, batch_size, keys, decoder=decoder):
         results[i] = r
         n_tokens += r["n_tokens"]
         bar.set_postfix_str(f"{n_tokens / (time.time() - start):.0f} tok/s", refresh=False)
@@ -252,16 +259,17 @@ def generate_ids(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampling
 
 
 def generate(model: Llama, tokenizer, conversations: list[list[dict]], cfg: SamplingConfig,
-             batch_size: int = 32, progress: bool = True) -> list[dict]:
+             batch_size: int = 32, progress: bool = True, decoder: Decoder = EAGER) -> list[dict]:
     """The assistant's reply to each conversation (a list of {"role", "content"} messages), in
     input order: dicts of text, n_tokens and hit_limit."""
     prompts = [tokenizer.render(messages, add_generation_prompt=True)[0] for messages in conversations]
-    results = generate_ids(model, prompts, tokenizer.stop_ids, cfg, batch_size, progress)
+    results = generate_ids(model, prompts, tokenizer.stop_ids, cfg, batch_size, progress, decoder=decoder)
     return [{"text": tokenizer.decode(r["ids"]), "n_tokens": r["n_tokens"], "hit_limit": r["hit_limit"]}
             for r in results]
 
 
-def stream_reply(model: Llama, tokenizer, messages: list[dict], cfg: SamplingConfig, out=None) -> dict:
+def stream_reply(model: Llama, tokenizer, messages: list[dict], cfg: SamplingConfig, out=None,
+                 decoder: Decoder = EAGER) -> dict:
     """Generate one reply, writing it to `out` (default stdout) as it is produced; returns
     generate_stream's result."""
     out = out or sys.stdout
@@ -279,7 +287,7 @@ def stream_reply(model: Llama, tokenizer, messages: list[dict], cfg: SamplingCon
             out.flush()
             shown = text
 
-    [(_, result)] = generate_stream(model, [prompt], tokenizer.stop_ids, cfg, on_token=show)
+    [(_, result)] = generate_stream(model, [prompt], tokenizer.stop_ids, cfg, on_token=show, decoder=decoder)
     out.write(tokenizer.decode(result["ids"])[len(shown):] + "\n")
     out.flush()
     return result
@@ -294,13 +302,14 @@ def rgen_prompt(tokenizer, row: dict) -> list[int]:
     return tokenizer.render(messages, add_generation_prompt=True)[0]
 
 
-def augment_rows(model: Llama, tokenizer, rows: list[dict], cfg: SamplingConfig, batch_size: int = 32):
+def augment_rows(model: Llama, tokenizer, rows: list[dict], cfg: SamplingConfig, batch_size: int = 32,
+                 decoder: Decoder = EAGER):
     """Yield an output row (id, text, label, reasoning, n_tokens, hit_limit) for every emotion
     row, as each finishes (continuous batching: see generate_stream)."""
     prompts = [rgen_prompt(tokenizer, row) for row in rows]
     # Random streams keyed by row id: a resumed or sharded run samples what a whole run would.
     keys = [zlib.crc32(str(row["id"]).encode()) for row in rows]
-    for i, r in generate_stream(model, prompts, tokenizer.stop_ids, cfg, batch_size, keys):
+    for i, r in generate_stream(model, prompts, tokenizer.stop_ids, cfg, batch_size, keys, decoder=decoder):
         row = rows[i]
         yield {"id": row["id"], "text": row["text"], "label": row["label"],
                "reasoning": tokenizer.decode(r["ids"]).strip(), "n_tokens": r["n_tokens"], "hit_limit": r["hit_limit"]}
@@ -466,12 +475,11 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
         folder = checkpoint.resolve_checkpoint(model_dir)  # a hub id is downloaded once
         model = checkpoint.load_model(folder, dtype, device).eval()
         tokenizer = data_lib.Tokenizer(folder)
-        if compile:
-            compile_decode(device)
+        decoder = compiled_decoder(device) if compile else EAGER
     bar = tqdm(total=len(mine), unit="row", desc="augment" if world == 1 else f"augment (rank 0 of {world})",
                disable=rank > 0)  # under torchrun, rank 0's share stands for the progress of all
     with JsonlAppender(part, sync_every=batch_size) as out:
-        for row in augment_rows(model, tokenizer, mine, cfg, batch_size) if mine else ():
+        for row in augment_rows(model, tokenizer, mine, cfg, batch_size, decoder) if mine else ():
             out.write(row)  # as soon as it finishes: a kill loses only the rows in flight
             summary["rows"] += 1
             summary["tokens"] += row["n_tokens"]
@@ -543,10 +551,10 @@ def main(argv=None):
             folder = checkpoint.resolve_checkpoint(args.model)
             model = checkpoint.load_model(folder, dtype, device).eval()
             tokenizer = data_lib.Tokenizer(folder)
-            if args.compile:
-                compile_decode(device)
+            decoder = compiled_decoder(device) if args.compile else EAGER
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            stream_reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], cfg)
+            stream_reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], cfg,
+                         decoder=decoder)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
         sys.exit(f"generate.py: {e}")
     except KeyboardInterrupt:

@@ -196,7 +196,7 @@ def test_sample_follows_the_distribution_and_truncates():
     assert (cold == 1).float().mean() > 0.99
 
 
-def test_compiled_decode_step_gives_the_same_tokens_from_one_graph(monkeypatch, fresh_dynamo):
+def test_compiled_decode_step_gives_the_same_tokens_from_one_graph(fresh_dynamo):
     """torch.compile with inductor (on CPU: generated C++) over a static cache: the same replies,
     through refills and idle rows at the end, from one graph that never recompiles (what lets
     CUDA replay each step as one graph)."""
@@ -204,11 +204,9 @@ def test_compiled_decode_step_gives_the_same_tokens_from_one_graph(monkeypatch, 
     model = tiny_model()
     prompts = prompts_of([3, 11, 6, 15, 1, 8, 4])
     expected = generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=3)
-    for name in ("decode_one_token", "static_cache"):
-        monkeypatch.setattr(generate, name, getattr(generate, name))  # undone afterwards
-    generate.compile_decode("cpu")
-    assert generate.static_cache
-    compiled_step, calls = generate.decode_one_token, []
+    compiled = generate.compiled_decoder("cpu")
+    assert compiled.static and generate.EAGER == generate.Decoder()  # nothing global changed
+    compiled_step, calls = compiled.step, []
 
     def step(*args):
         """The first call compiles; any compile after it raises (torch's public stance API, set
@@ -219,8 +217,8 @@ def test_compiled_decode_step_gives_the_same_tokens_from_one_graph(monkeypatch, 
         with torch.compiler.set_stance("fail_on_recompile"):
             return compiled_step(*args)
 
-    monkeypatch.setattr(generate, "decode_one_token", step)
-    assert generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=3) == expected
+    decoder = generate.Decoder(step, static=True)
+    assert generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=3, decoder=decoder) == expected
     assert len(calls) > 10 and set(calls) == {3}
     # The stance does catch a recompile: another batch size is another shape (dynamic=False).
     with torch.inference_mode(), pytest.raises(RuntimeError, match="fail_on_recompile"):
@@ -232,8 +230,7 @@ def test_compile_without_a_cpu_compiler_is_one_clear_error(monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(generate.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="--compile on a CPU needs a C\\+\\+ compiler"):
-        generate.compile_decode("cpu")
-    assert generate.decode_one_token is generate.eager_decode_one_token and not generate.static_cache
+        generate.compiled_decoder("cpu")
 
 
 # ----------------------------------------------------------------------------- stage-2 file handling
