@@ -1,4 +1,4 @@
-"""Speed and memory of our Llama (model.py, train.py, generate.py) beside transformers'
+"""Speed and memory of our Llama (model.py, train.py, generate.py, augment.py) beside transformers'
 LlamaForCausalLM: the same weights, the same inputs, one run, one table (and a JSON file).
 
     python bench.py                              # CPU: a mid-size random config, a reduced grid, a few minutes
@@ -35,9 +35,9 @@ training torch's fused AdamW (its Trainer's default, adamw_torch_fused). The fig
              decode step over a static cache: inductor, with a C++ wrapper on CPU; on CUDA replayed as a CUDA graph), beside
              transformers' default generate (on this CPU, its static cache with a compiled forward
              measured no faster than its default).
-  stage2     rows/s of stage 2 on fixed emotion rows: ours generate.augment_rows (prompts, continuous
+  stage2     rows/s of stage 2 on fixed emotion rows: ours augment.augment_rows (prompts, continuous
              batching, per-row stops, detokenisation); transformers, batch by batch: the same prompt ids
-             (generate.rgen_prompt), left-padded, generate(do_sample=False, eos_token_id=the stop ids),
+             (augment.rgen_prompt), left-padded, generate(do_sample=False, eos_token_id=the stop ids),
              the same detokenisation. Random weights (no --model) never emit a stop id, so both sides
              also stop at the tokens a free run emits most often, enough of them that replies end at varied
              lengths (median under half of --stage2-new-tokens, as with real reasoning); the JSON
@@ -70,6 +70,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import augment
 import generate
 import train
 import checkpoint
@@ -295,27 +296,27 @@ def varied_stops(model, prompts, stop_ids, cfg) -> set[int]:
 
 def stage2_fns(ours, hf, tokenizer, args) -> tuple[dict, dict]:
     """Rows as augment() meets them (sorted by text length): ours in one continuous batch of
-    --stage2-batch rows (generate.augment_rows), transformers' generate cut into batches."""
+    --stage2-batch rows (augment.augment_rows), transformers' generate cut into batches."""
     rows = [{"id": i, "text": t, "label": data.LABELS[i % 6]} for i, t in enumerate(emotion_texts(args.stage2_rows))]
     rows.sort(key=lambda row: len(row["text"]))
     batches = [rows[i:i + args.stage2_batch] for i in range(0, len(rows), args.stage2_batch)]
     cfg = generate.SamplingConfig(max_new_tokens=args.stage2_new_tokens)
     if not args.model:  # random weights: a real checkpoint ends its replies by itself
         tokenizer = copy.copy(tokenizer)
-        prompts = [generate.rgen_prompt(tokenizer, row) for row in rows]
+        prompts = [augment.rgen_prompt(tokenizer, row) for row in rows]
         tokenizer.stop_ids = varied_stops(ours, prompts, tokenizer.stop_ids, cfg)
     stop = sorted(tokenizer.stop_ids)
     produced = {}
 
     def run_ours():
-        out = list(generate.augment_rows(ours, tokenizer, rows, cfg, args.stage2_batch))
+        out = list(augment.augment_rows(ours, tokenizer, rows, cfg, args.stage2_batch))
         produced["ours"] = sum(r["n_tokens"] for r in out)
 
     @torch.inference_mode()
     def run_hf():
         n_tokens = 0
         for batch in batches:
-            prompts = [generate.rgen_prompt(tokenizer, row) for row in batch]
+            prompts = [augment.rgen_prompt(tokenizer, row) for row in batch]
             T = max(map(len, prompts))
             ids = torch.tensor([[tokenizer.pad_id] * (T - len(p)) + p for p in prompts], device=args.device)
             mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=args.device)

@@ -1,18 +1,11 @@
-"""KV-cached batched generation for model.Llama, and stage 2 of the method: reasoning augmentation.
+"""KV-cached batched generation for model.Llama: sampling, prefill and decode, continuous batching.
 
-Read top to bottom: sampling (config and small pure helpers), prefill and the decode step,
-continuous batching over many prompts, chat conversations, stage 2 (resumable jsonl writing)
-and the command line.
+Read top to bottom: sampling (config and small pure helpers), prefill and the decode step
+(eager, or compiled over a static cache), continuous batching over many prompts, chat
+conversations and the command line. Stage 2 of the method, which runs this over a data set,
+is augment.py.
 
     python generate.py --model DIR --prompt "How are you?"                 # streamed reply
-    python generate.py --model DIR --task rgen --data SRC --split train --out aug.jsonl
-    torchrun --nproc-per-node 4 generate.py --model DIR --task rgen --data SRC --split train --out aug.jsonl
-
-Stage 2 under torchrun: the rows still to do are dealt out to the ranks (rank r of N takes every
-N-th of them in length order), rank r writes aug.jsonl.part-r, and rank 0 merges the parts into
-aug.jsonl at the end. A rerun, on any number of ranks, first merges what an interrupted run left
-and skips every id already written; a row's tokens do not depend on its batch or rank, so the
-file is the one a single process writes (rows in another order).
 
 Continuous batching: up to --batch-size rows decode together, one token each per step. Each
 row owns its cache slots (slot = position, see model.KVCache) and its attention mask, so a row
@@ -28,15 +21,12 @@ of temperature, top-k and top-p that our tests compare against).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import time
-import zlib
 from collections import deque
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -44,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
-from data import DEFAULT_REASONING_TOKENS, settings_path, write_atomic, write_json
+from data import DEFAULT_REASONING_TOKENS
 from model import KVCache, Llama
-from runtime import DTYPES, all_sum, barrier, distributed, rank_and_world, resolve_device_dtype
+from runtime import DTYPES, resolve_device_dtype
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -293,239 +283,10 @@ def stream_reply(model: Llama, tokenizer, messages: list[dict], cfg: SamplingCon
     return result
 
 
-# ----------------------------------------------------------------------------- stage 2: augmentation
-
-def rgen_prompt(tokenizer, row: dict) -> list[int]:
-    """The rgen prompt for an emotion row, built by the same function that training uses."""
-    import data as data_lib
-    messages = data_lib.prompt_messages("rgen", data_lib.emotion_as_rgen(row))
-    return tokenizer.render(messages, add_generation_prompt=True)[0]
-
-
-def augment_rows(model: Llama, tokenizer, rows: list[dict], cfg: SamplingConfig, batch_size: int = 32,
-                 decoder: Decoder = EAGER):
-    """Yield an output row (id, text, label, reasoning, n_tokens, hit_limit) for every emotion
-    row, as each finishes (continuous batching: see generate_stream)."""
-    prompts = [rgen_prompt(tokenizer, row) for row in rows]
-    # Random streams keyed by row id: a resumed or sharded run samples what a whole run would.
-    keys = [zlib.crc32(str(row["id"]).encode()) for row in rows]
-    for i, r in generate_stream(model, prompts, tokenizer.stop_ids, cfg, batch_size, keys, decoder=decoder):
-        row = rows[i]
-        yield {"id": row["id"], "text": row["text"], "label": row["label"],
-               "reasoning": tokenizer.decode(r["ids"]).strip(), "n_tokens": r["n_tokens"], "hit_limit": r["hit_limit"]}
-
-
-def complete_lines(path) -> list[tuple[object, str]]:
-    """(id, line) of every row of the jsonl at path (none if it does not exist). A last line
-    without its newline was torn by a crash mid-write: it is cut off, so that its row is
-    generated again."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    end = raw.rfind(b"\n") + 1                          # 0 when there is no complete line
-    if end < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-            os.fsync(f.fileno())
-    rows = []
-    for n, line in enumerate(raw[:end].decode("utf-8").splitlines(), 1):
-        try:
-            rows.append((json.loads(line)["id"], line))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}: line {n} is not a json row with an 'id'") from None
-    return rows
-
-
-def done_ids(path) -> set:
-    """Ids already in the jsonl at path (empty if none); a torn last line is cut off (complete_lines)."""
-    return {row_id for row_id, _ in complete_lines(path)}
-
-
-class JsonlAppender:
-    """Appends rows to a jsonl file as they come. Each row goes to the operating system at once
-    (write + flush), so a process that is killed loses no row it finished; every sync_every rows,
-    and at the end, they are forced to disk (fsync), so even a machine crash loses few. A kill
-    mid-write leaves a torn last line, which complete_lines cuts off on the next run."""
-
-    def __init__(self, path, sync_every: int = 32):
-        self.file, self.sync_every, self.unsynced = open(path, "a", encoding="utf-8"), sync_every, 0
-
-    def write(self, row: dict):
-        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.file.flush()
-        self.unsynced += 1
-        if self.unsynced >= self.sync_every:
-            self.sync()
-
-    def sync(self):
-        os.fsync(self.file.fileno())
-        self.unsynced = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.sync()
-        self.file.close()
-
-
-def part_path(out_path, rank: int, world: int) -> Path:
-    """Where a rank appends its rows: out_path itself in a single process, out_path.part-RANK under torchrun."""
-    out_path = Path(out_path)
-    return out_path if world == 1 else out_path.with_name(f"{out_path.name}.part-{rank}")
-
-
-def part_files(out_path) -> list[Path]:
-    out_path = Path(out_path)
-    prefix = out_path.name + ".part-"
-    parts = [p for p in out_path.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
-    return sorted(parts, key=lambda p: int(p.name[len(prefix):]))
-
-
-def merge_parts(out_path):
-    """Fold every part file into out_path, each id once, and remove the parts; repair a torn
-    last line of out_path. A crash at any point leaves each row in out_path or a part (or
-    both: hence the check for ids already taken), and the next merge completes the job."""
-    out_path = Path(out_path)
-    lines = complete_lines(out_path)
-    parts = part_files(out_path)
-    if not parts:
-        return
-    taken = {row_id for row_id, _ in lines}
-    for part in parts:
-        for row_id, line in complete_lines(part):
-            if row_id not in taken:
-                taken.add(row_id)
-                lines.append((row_id, line))
-    write_atomic(out_path, "".join(line + "\n" for _, line in lines))
-    for part in parts:
-        part.unlink()
-
-
-def check_meta(out_path, meta: dict, force: bool):
-    """Refuse to resume out_path (or its part files) with other settings than those in its
-    sidecar, unless force; then (re)write the sidecar."""
-    out_path = Path(out_path)
-    meta_path = settings_path(out_path)
-    if (out_path.exists() or part_files(out_path)) and not force:
-        if not meta_path.is_file():
-            raise ValueError(f"{out_path}: exists without {meta_path.name}, so its settings are unknown; "
-                             f"use --force to resume it anyway, or another --out")
-        try:
-            old = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path}: not valid JSON ({e}); use --force to rewrite it") from None
-        diff = [f"{k}={old.get(k)!r} (now {v!r})" for k, v in meta.items() if old.get(k) != v]
-        if diff:
-            raise ValueError(f"{out_path}: was generated with {', '.join(diff)}; "
-                             f"use --force to resume it anyway, or another --out")
-    write_json(meta_path, meta)
-
-
-def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None, batch_size: int = 32,
-            limit: int | None = None, force: bool = False, device=None, dtype=None, rows=None,
-            compile: bool = False) -> dict:
-    """Stage 2: write a reasoning for every emotion row of data/split (or of `rows`, when given)
-    to out_path (jsonl: id, text, label, reasoning, n_tokens, hit_limit). Resumable: rows whose
-    id is already in out_path are skipped. Returns (and prints) a summary.
-
-    In a process group (torchrun), every rank calls this: rank r of N generates every N-th of
-    the remaining rows into out_path.part-r, and rank 0 merges the parts into out_path (see the
-    module docstring); the summary counts the rows of all ranks."""
-    import data as data_lib
-    cfg = cfg or SamplingConfig()
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
-    source = data if rows is None else "rows"
-    local_source = Path(str(source)).expanduser()
-    rows = data_lib.read_emotion(data, split) if rows is None else rows
-    rows = rows[:limit] if limit else rows
-    seen = set()
-    for row in rows:
-        if row["id"] in seen:
-            raise ValueError(f"{source}: id {row['id']!r} appears more than once")
-        seen.add(row["id"])
-
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    rank, world = rank_and_world()
-    device, dtype = resolve_device_dtype(device, dtype)
-    local = Path(model_dir).expanduser()
-    # The source and split too: ids 0..1999 exist in the train split and in the validation split.
-    meta = {"model": str(local.resolve()) if local.is_dir() else str(model_dir), "task": "rgen",
-            "data": str(local_source.resolve()) if local_source.exists() else str(source), "split": split,
-            "prompt_version": data_lib.PROMPT_VERSION, **asdict(cfg)}
-    check_meta(out_path, meta, force)  # on every rank, so that all stop alike on a refusal
-    barrier()                  # all checked the files as they were
-    if rank == 0:
-        merge_parts(out_path)  # the rows an interrupted run left in part files, whatever its rank count
-    barrier()                  # all read the merged file, before any writes
-    done = done_ids(out_path)
-    # The prompt is a fixed template around the text, so the text's length orders the prompts.
-    # Every rank sorts the same rows, and dealing them out in turn gives each rank the same mix
-    # of lengths.
-    todo = sorted((row for row in rows if row["id"] not in done), key=lambda row: len(row["text"]))
-    mine, part = todo[rank::world], part_path(out_path, rank, world)
-
-    summary = {"out": str(out_path), "rows": 0, "skipped": len(rows) - len(todo), "tokens": 0,
-               "hit_limit": 0, "empty": 0}
-    start = time.time()
-    if mine:  # a finished file needs no model
-        folder = checkpoint.resolve_checkpoint(model_dir)  # a hub id is downloaded once
-        model = checkpoint.load_model(folder, dtype, device).eval()
-        tokenizer = data_lib.Tokenizer(folder)
-        decoder = compiled_decoder(device) if compile else EAGER
-    bar = tqdm(total=len(mine), unit="row", desc="augment" if world == 1 else f"augment (rank 0 of {world})",
-               disable=rank > 0)  # under torchrun, rank 0's share stands for the progress of all
-    with JsonlAppender(part, sync_every=batch_size) as out:
-        for row in augment_rows(model, tokenizer, mine, cfg, batch_size, decoder) if mine else ():
-            out.write(row)  # as soon as it finishes: a kill loses only the rows in flight
-            summary["rows"] += 1
-            summary["tokens"] += row["n_tokens"]
-            summary["hit_limit"] += row["hit_limit"]
-            summary["empty"] += not row["reasoning"]
-            bar.set_postfix_str(f"{summary['tokens'] / (time.time() - start):.0f} tok/s", refresh=False)
-            bar.update(1)
-    bar.close()
-    if world > 1:
-        counts = ("rows", "tokens", "hit_limit", "empty")
-        totals = all_sum([summary[k] for k in counts], device)  # also waits for every rank to finish its part
-        summary.update({k: int(v) for k, v in zip(counts, totals)})
-        if rank == 0:
-            merge_parts(out_path)
-        barrier()              # the merged file is whole when any rank returns
-    summary["seconds"] = round(time.time() - start, 2)
-    if rank == 0:
-        print(f"augment: wrote {summary['rows']} rows to {out_path} ({summary['skipped']} were already there), "
-              f"{summary['tokens']} tokens, {summary['hit_limit']} hit the {cfg.max_new_tokens}-token limit, "
-              f"{summary['empty']} empty replies, {summary['seconds']:.1f} s")
-    return summary
-
-
 # ----------------------------------------------------------------------------- command line
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        description="Chat with a model (--prompt, reply streamed) or run stage 2 (--task rgen: "
-                    "a reasoning for every emotion row, written to --out as resumable jsonl).",
-        epilog=f"Defaults are greedy decoding (deterministic, reproducible) and max_new_tokens "
-               f"{SamplingConfig.max_new_tokens}, "
-               "the stage-2 settings. Rerun a stage-2 command to resume it. Stage 2 runs on N GPUs as "
-               "'torchrun --nproc-per-node N generate.py --task rgen ...': each rank writes OUT.part-RANK, "
-               "merged into OUT at the end; a rerun resumes on any number of ranks.")
-    p.add_argument("--model", required=True, help="checkpoint folder (or hub id) with tokenizer files")
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--prompt", help="one user message; the reply is printed as it is generated")
-    mode.add_argument("--task", choices=["rgen"], help="stage 2: reasoning augmentation of emotion rows")
-    p.add_argument("--system", help="system message for --prompt")
-    p.add_argument("--data", help="stage 2: emotion source (folder, file or hub id)")
-    p.add_argument("--split", default="train", help="stage 2: split of --data (default train)")
-    p.add_argument("--out", help="stage 2: output jsonl; resumed if it exists")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="stage 2: rows decoded together; finished rows' places go to the next ones (default 32)")
-    p.add_argument("--limit", type=int, help="stage 2: only the first N rows")
-    p.add_argument("--force", action="store_true", help="stage 2: resume --out even if its settings differ")
+def add_sampling_args(p: argparse.ArgumentParser):
+    """The sampling, device and compile flags that generate.py and augment.py share."""
     p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens,
                    help=f"reply length cap (default {SamplingConfig.max_new_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -535,30 +296,36 @@ def main(argv=None):
     p.add_argument("--device", help="default: cuda if available, else cpu (under torchrun: the GPU LOCAL_RANK)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPU)")
+
+
+def sampling_config(args) -> SamplingConfig:
+    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Chat with a model: one user message, the reply streamed as it is generated.",
+        epilog="Defaults are greedy decoding (deterministic, reproducible). Stage 2 is augment.py.")
+    p.add_argument("--model", required=True, help="checkpoint folder (or hub id) with tokenizer files")
+    p.add_argument("--prompt", required=True, help="one user message; the reply is printed as it is generated")
+    p.add_argument("--system", help="system message")
+    add_sampling_args(p)
     args = p.parse_args(argv)
 
     try:
-        cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-        if args.task:
-            if not args.data or not args.out:
-                p.error("--task rgen needs --data and --out")
-            with distributed(args.device or "") as device:  # joins torchrun's group, if launched by it
-                augment(args.model, args.data, args.split, args.out, cfg, args.batch_size, args.limit,
-                        args.force, device, args.dtype, compile=args.compile)
-        else:
-            import data as data_lib
-            device, dtype = resolve_device_dtype(args.device, args.dtype)
-            folder = checkpoint.resolve_checkpoint(args.model)
-            model = checkpoint.load_model(folder, dtype, device).eval()
-            tokenizer = data_lib.Tokenizer(folder)
-            decoder = compiled_decoder(device) if args.compile else EAGER
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            stream_reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], cfg,
-                         decoder=decoder)
+        import data as data_lib
+        cfg = sampling_config(args)
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+        folder = checkpoint.resolve_checkpoint(args.model)
+        model = checkpoint.load_model(folder, dtype, device).eval()
+        tokenizer = data_lib.Tokenizer(folder)
+        decoder = compiled_decoder(device) if args.compile else EAGER
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        stream_reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], cfg, decoder=decoder)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
         sys.exit(f"generate.py: {e}")
     except KeyboardInterrupt:
-        sys.exit("generate.py: interrupted" + ("; rerun the same command to resume" if args.task else ""))
+        sys.exit("generate.py: interrupted")
 
 
 if __name__ == "__main__":

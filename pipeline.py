@@ -123,10 +123,11 @@ def run_train(settings: dict, folder: Path, cfg: PipelineConfig):
 
 
 def run_augment(settings: dict, folder: Path, cfg: PipelineConfig):
+    import augment
     import generate
     sampling = generate.SamplingConfig(max_new_tokens=settings["max_new_tokens"], seed=settings["seed"])
     for split, limit in (("train", None), ("validation", settings["validation_rows"])):
-        generate.augment(settings["model"], settings["data"], split, settings[f"{split}_out"], sampling,
+        augment.augment(settings["model"], settings["data"], split, settings[f"{split}_out"], sampling,
                          batch_size=cfg.gen_batch_size, limit=limit, device=cfg.device,
                          dtype=settings["dtype"], compile=cfg.compile)
 

@@ -33,7 +33,7 @@ def distributed(device: str = ""):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     # A long timeout: the other ranks wait in a collective while rank 0 writes a checkpoint
-    # (or, in generate.py, until the slowest rank has finished its rows).
+    # (or, in augment.py, until the slowest rank has finished its rows).
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1),
                             device_id=torch.device(device) if cuda else None)
     try:

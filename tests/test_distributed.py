@@ -19,7 +19,8 @@ import torch
 
 import checkpoint
 import train
-from test_generate import emotion_file, model_dir, read_rows  # noqa: F401 (model_dir is a fixture)
+from test_augment import emotion_file, read_rows
+from test_generate import model_dir  # noqa: F401 (a fixture)
 from test_train import assets, cli_args, metrics, run_config, wait_for  # noqa: F401 (assets: a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +103,7 @@ def test_grad_accum_must_be_shared_evenly(assets, tmp_path):
 # ----------------------------------------------------------------------------- stage 2
 
 def stage2_args(model_dir, src, out):
-    return ["--model", model_dir, "--task", "rgen", "--data", src, "--split", "train", "--batch-size", 2,
+    return ["--model", model_dir, "--data", src, "--split", "train", "--batch-size", 2,
             "--max-new-tokens", 32, "--out", out]
 
 
@@ -131,23 +132,23 @@ def test_sharded_stage2_equals_one_process_and_survives_a_killed_rank(model_dir,
     rank 1 killed part-way, then rerun on 2 ranks or on 1, has the same rows, each once."""
     n = 16
     src = emotion_file(tmp_path, n)
-    finish(launch("generate.py", *stage2_args(model_dir, src, tmp_path / "one.jsonl"), nproc=1))
+    finish(launch("augment.py", *stage2_args(model_dir, src, tmp_path / "one.jsonl"), nproc=1))
     one, count = read_rows(tmp_path / "one.jsonl")
     assert count == n and len({r["reasoning"] for r in one.values()}) > n // 2
 
     # greedy: the merged file has the rows of the single process
     out = tmp_path / "two.jsonl"
-    output = finish(torchrun("generate.py", *stage2_args(model_dir, src, out)))
+    output = finish(torchrun("augment.py", *stage2_args(model_dir, src, out)))
     assert read_rows(out) == (one, n) and not list(tmp_path.glob("*.part-*"))
     assert f"wrote {n} rows" in output and output.count("augment: wrote") == 1  # rank 0 sums up for all
 
     # a rank killed part-way; a rerun on 2 ranks, or on 1, loses and duplicates nothing
     for rerun_ranks in (2, 1):
         out = tmp_path / f"killed-then-{rerun_ranks}.jsonl"
-        kill_rank_part_way(torchrun("generate.py", *stage2_args(model_dir, src, out)), out, rank=1)
+        kill_rank_part_way(torchrun("augment.py", *stage2_args(model_dir, src, out)), out, rank=1)
         parts = list(tmp_path.glob(f"{out.name}.part-*"))
         written = sum(p.read_text().count("\n") for p in parts)  # complete lines: a last one may be torn
         assert len(parts) == 2 and not out.exists() and 4 <= written < n
-        output = finish(launch("generate.py", *stage2_args(model_dir, src, out), nproc=rerun_ranks))
+        output = finish(launch("augment.py", *stage2_args(model_dir, src, out), nproc=rerun_ranks))
         assert f"wrote {n - written} rows" in output  # only the missing rows are generated
         assert read_rows(out) == (one, n) and not list(tmp_path.glob(f"{out.name}.part-*"))

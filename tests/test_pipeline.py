@@ -96,7 +96,7 @@ def test_readme_commands_exist_and_show_help():
     readme = (ROOT / "README.md").read_text()
     scripts = set(re.findall(r"^\s*(?:torchrun [^\n]*?)?python ([\w/]+\.py)", readme, flags=re.M))
     scripts |= set(re.findall(r"torchrun [^\n]*? ([\w/]+\.py)", readme))
-    assert {"pipeline.py", "train.py", "generate.py", "eval.py", "bench.py"} <= scripts
+    assert {"pipeline.py", "train.py", "generate.py", "augment.py", "eval.py", "bench.py"} <= scripts
     for script in sorted(scripts):
         result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0 and "usage" in result.stdout, (script, result.stderr[-500:])
@@ -105,12 +105,12 @@ def test_readme_commands_exist_and_show_help():
 def test_compile_reaches_training_and_stage_2(monkeypatch, tmp_path):
     """--compile is a speed setting: it is handed to training, stage 2 and the evaluations, not
     part of any stage's settings."""
-    import generate
+    import augment
     import train
     seen = {}
     monkeypatch.setattr(train, "train", lambda cfg: seen.setdefault("train", cfg.compile))
     import eval as evaluation
-    monkeypatch.setattr(generate, "augment", lambda *a, **kw: seen.setdefault("augment", kw["compile"]))
+    monkeypatch.setattr(augment, "augment", lambda *a, **kw: seen.setdefault("augment", kw["compile"]))
     monkeypatch.setattr(evaluation, "evaluate", lambda *a, **kw: {"max_new_tokens": 1, "max_new_tokens_from": "",
                                                                   "compile": seen.setdefault("eval", kw["compile"])})
     cfg = pipeline.PipelineConfig(out=str(tmp_path), compile=True)
