@@ -30,9 +30,11 @@ from tqdm import tqdm
 
 import checkpoint
 import data as data_lib
-from data import settings_path, write_atomic, write_json
+from data import settings_path
+from files import write_atomic, write_json
 from generate import EAGER, Decoder, SamplingConfig, add_sampling_args, compiled_decoder, generate_stream, sampling_config
 from model import Llama
+from tokenizer import Tokenizer
 from runtime import all_sum, barrier, distributed, rank_and_world, resolve_device_dtype
 
 # ----------------------------------------------------------------------------- prompts and rows
@@ -214,7 +216,7 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
     if mine:  # a finished file needs no model
         folder = checkpoint.resolve_checkpoint(model_dir)  # a hub id is downloaded once
         model = checkpoint.load_model(folder, dtype, device).eval()
-        tokenizer = data_lib.Tokenizer(folder)
+        tokenizer = Tokenizer(folder)
         decoder = compiled_decoder(device) if compile else EAGER
     bar = tqdm(total=len(mine), unit="row", desc="augment" if world == 1 else f"augment (rank 0 of {world})",
                disable=rank > 0)  # under torchrun, rank 0's share stands for the progress of all

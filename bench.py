@@ -70,12 +70,14 @@ import torch
 import torch.nn.functional as F
 
 import data
+from files import write_json
 import augment
 import generate
 import train
 import checkpoint
 from checkpoint import resolve_checkpoint
 from model import Llama
+from tokenizer import CHAT_TOKENS, Tokenizer, build_tokenizer
 
 # A quarter of Llama-3.2-1B in every width (hidden 2048, MLP 8192, 32/8 heads, vocab 128256), 4 of
 # its 16 layers, the same head_dim and llama3 rope scaling: mid-size and CPU-friendly.
@@ -138,17 +140,17 @@ def say(msg: str):
 
 # ----------------------------------------------------------------------------- weights and inputs
 
-def prepare(args, folder: Path) -> tuple[Path, data.Tokenizer]:
+def prepare(args, folder: Path) -> tuple[Path, Tokenizer]:
     """The checkpoint folder both sides load (with tokenizer files), and its tokenizer."""
     if args.model:
         model_dir = resolve_checkpoint(args.model)  # a folder, or a hub id downloaded once
         try:
-            return model_dir, data.Tokenizer(model_dir)
+            return model_dir, Tokenizer(model_dir)
         except FileNotFoundError:  # weights without tokenizer files: a small one serves stage 2
             config = checkpoint.config_from_json(model_dir / "config.json")
-            return model_dir, data.Tokenizer(small_tokenizer(folder / "tok", config.vocab_size))
+            return model_dir, Tokenizer(small_tokenizer(folder / "tok", config.vocab_size))
     config = checkpoint.config_from_json(args.config) if args.config else checkpoint.config_from_hf(DEFAULT_CONFIG, "DEFAULT_CONFIG")
-    tokenizer = data.Tokenizer(small_tokenizer(folder / "tok", config.vocab_size))
+    tokenizer = Tokenizer(small_tokenizer(folder / "tok", config.vocab_size))
     config.bos_token_id, config.eos_token_id = tokenizer.bos_id, sorted(tokenizer.stop_ids)
     torch.manual_seed(args.seed)
     model = Llama(config)
@@ -157,7 +159,7 @@ def prepare(args, folder: Path) -> tuple[Path, data.Tokenizer]:
             if p.dim() == 2 and not name.startswith("embed_tokens"):
                 p.normal_(0.0, 0.05)
     checkpoint.save_model(model, folder / "model", tokenizer.serving_files())
-    return folder / "model", data.Tokenizer(folder / "model")
+    return folder / "model", Tokenizer(folder / "model")
 
 
 def small_tokenizer(out_dir: Path, vocab_size: int) -> Path:
@@ -165,10 +167,10 @@ def small_tokenizer(out_dir: Path, vocab_size: int) -> Path:
     tokens as with a real tokenizer (one or two per word), within the model's vocabulary."""
     rows = [{"text": t, "label": data.LABELS[i % 6]} for i, t in enumerate(emotion_texts(200))]
     texts = [data.prompt_messages("rgen", data.emotion_as_rgen(row))[0]["content"] for row in rows]
-    learned = min(2000, vocab_size - len(data.CHAT_TOKENS["llama3"]))
+    learned = min(2000, vocab_size - len(CHAT_TOKENS["llama3"]))
     if learned < 256:
         raise ValueError(f"vocab_size {vocab_size} is too small for the bench tokenizer (256 bytes + special tokens)")
-    return data.build_tokenizer(texts, out_dir, chat_format="llama3", vocab_size=learned)
+    return build_tokenizer(texts, out_dir, chat_format="llama3", vocab_size=learned)
 
 
 WORDS = ("i feel so happy today because my friend came home again after the long rain and we "
@@ -722,7 +724,7 @@ def main(argv=None):
     if args.worker:
         return worker_main(json.loads(args.worker))
     result = run(args)
-    data.write_json(args.out, result)
+    write_json(args.out, result)
     print(table(result))
     say(f"wrote {args.out}")
     return result

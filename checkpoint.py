@@ -162,7 +162,7 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Llama:
 
 def save_model(model: Llama, out_dir, files: dict | None = None, max_shard_bytes=5 * 2**30) -> Path:
     """Write config.json + safetensors (sharded above max_shard_bytes) in HF names, plus
-    `files` (name -> str or bytes: the tokenizer's, see data.Tokenizer.serving_files).
+    `files` (name -> str or bytes: the tokenizer's, see tokenizer.Tokenizer.serving_files).
     Atomic: written to a temporary folder, then renamed."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

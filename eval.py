@@ -34,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import ANSWER_PREFIX, LABELS, write_atomic, write_json  # the q2ra target's last line is "Emotion: <label>"
+from data import ANSWER_PREFIX, LABELS  # the q2ra target's last line is "Emotion: <label>"
+from files import write_atomic, write_json
+from tokenizer import Tokenizer
 
 UNPARSED = "unparsed"
 COLUMNS = (*LABELS, UNPARSED)  # confusion-matrix columns: every label, then "unparsed"
@@ -390,7 +392,7 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
     if not rows:
         raise ValueError(f"{data}: split '{split}' has no rows")
     folder = checkpoint.resolve_checkpoint(model_dir)  # a hub id is downloaded once
-    tokenizer = data_module.Tokenizer(folder)
+    tokenizer = Tokenizer(folder)
     model = checkpoint.load_model(folder, dtype=dtype, device=device).eval()
     conversations = [data_module.prompt_messages(task, row) for row in rows]
     load_s = time.perf_counter() - t0

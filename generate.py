@@ -36,6 +36,7 @@ from tqdm import tqdm
 import checkpoint
 from data import DEFAULT_REASONING_TOKENS
 from model import KVCache, Llama
+from tokenizer import Tokenizer
 from runtime import DTYPES, resolve_device_dtype
 
 
@@ -313,12 +314,11 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     try:
-        import data as data_lib
         cfg = sampling_config(args)
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         folder = checkpoint.resolve_checkpoint(args.model)
         model = checkpoint.load_model(folder, dtype, device).eval()
-        tokenizer = data_lib.Tokenizer(folder)
+        tokenizer = Tokenizer(folder)
         decoder = compiled_decoder(device) if args.compile else EAGER
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         stream_reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], cfg, decoder=decoder)

@@ -20,9 +20,7 @@ whose settings differ from this run's is refused, so results are never silently 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import random
 import shutil
 import sys
 import time
@@ -31,10 +29,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import data
+from files import write_atomic, write_json
 
 PAPER = {"q2a": 0.497, "q2ra": 0.584}  # accuracies the paper reports on the test split
 VALIDATION_ROWS = 500  # validation rows of stage 3 (the first of the split), for its loss and best/
-DEMO_MODEL_CONFIG = Path(__file__).with_name("demo") / "tiny_llama.json"
 
 
 @dataclass
@@ -145,7 +143,7 @@ def run_eval(settings: dict, folder: Path, cfg: PipelineConfig) -> dict:
 def run_compare(settings: dict, folder: Path, cfg: PipelineConfig):
     import eval as evaluation
     result = evaluation.compare(settings["a"], settings["b"])
-    data.write_json(folder / "compare.json", result)
+    write_json(folder / "compare.json", result)
 
 
 # ----------------------------------------------------------------------------- the stage runner
@@ -154,7 +152,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.demo:
-        cfg = prepare_demo(cfg, out)
+        import demo
+        cfg = replace(cfg, **demo.prepare(out, cfg.demo_rows, cfg.demo_epochs, cfg.seed))
     run_ids = {}
     for spec in stage_specs(cfg, out):
         name, folder = spec["name"], out / spec["name"]
@@ -199,7 +198,7 @@ def read_marker(folder: Path) -> dict | None:
 
 
 def write_marker(folder: Path, marker: dict):
-    data.write_json(folder / "stage.json", marker)
+    write_json(folder / "stage.json", marker)
 
 
 def points(x: float) -> str:
@@ -226,90 +225,9 @@ def summarize(out: Path, cfg: PipelineConfig) -> dict:
     markdown = "\n".join(lines) + "\n"
     summary = dict(reports={t: {k: reports[t][k] for k in ("accuracy", "macro_f1", "unparsed_share")}
                             for t in reports}, compare=cmp, demo=cfg.demo, markdown=markdown)
-    data.write_atomic(out / "summary.md", markdown)
-    data.write_json(out / "summary.json", summary)
+    write_atomic(out / "summary.md", markdown)
+    write_json(out / "summary.json", summary)
     return summary
-
-
-# ----------------------------------------------------------------------------- the embedded demo
-
-# Words that carry each emotion in the generated demo sentences.
-DEMO_WORDS = {
-    "sadness": ["lonely", "hopeless", "miserable", "gloomy", "heartbroken", "empty"],
-    "joy": ["happy", "cheerful", "delighted", "glad", "thrilled", "content"],
-    "love": ["loving", "tender", "affectionate", "caring", "adoring", "romantic"],
-    "anger": ["angry", "furious", "irritated", "annoyed", "outraged", "resentful"],
-    "fear": ["scared", "afraid", "nervous", "terrified", "anxious", "frightened"],
-    "surprise": ["amazed", "astonished", "shocked", "stunned", "startled", "speechless"],
-}
-DEMO_TEMPLATES = ["i feel {w} {tail}", "i am feeling so {w} {tail}", "honestly i felt {w} when {event}",
-                  "i have been {w} since {event}", "i feel a bit {w} {tail}"]
-DEMO_TAILS = ["today", "right now", "about my new job", "after the call", "this morning", "about the weekend"]
-DEMO_LABEL_NOISE = 0.1  # share of rows whose label is redrawn at random, like annotators' disagreements
-DEMO_EVENTS = ["my friend called", "the results came in", "i got home", "we talked", "the letter arrived"]
-
-
-def demo_sentence(rng: random.Random, label: str) -> tuple[str, str]:
-    word = rng.choice(DEMO_WORDS[label])
-    text = rng.choice(DEMO_TEMPLATES).format(w=word, tail=rng.choice(DEMO_TAILS), event=rng.choice(DEMO_EVENTS))
-    return text, word
-
-
-def demo_reasoning(text: str, word: str, label: str) -> str:
-    return f"The writer says they feel {word}. Feeling {word} is a sign of {label}."
-
-
-def write_demo_data(folder: Path, n_train: int, seed: int = 0) -> tuple[Path, Path]:
-    """Generated stand-ins for dair-ai/emotion (its older data/{split}.jsonl.gz layout) and for
-    syvai/reasoning-gen (question, answer, reasoning), written where the real loaders read them."""
-    rng = random.Random(seed)
-    labels = list(data.LABELS)
-    emotion = folder / "emotion"
-    (emotion / "data").mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("validation", max(n_train // 8, 30)), ("test", max(n_train // 4, 60))):
-        rows = []
-        for _ in range(n):
-            label = rng.choice(labels)
-            text = demo_sentence(rng, label)[0]
-            if rng.random() < DEMO_LABEL_NOISE:
-                label = rng.choice(labels)
-            rows.append({"text": text, "label": labels.index(label)})
-        jsonl = "".join(json.dumps(r) + "\n" for r in rows)
-        data.write_atomic(emotion / "data" / f"{split}.jsonl.gz", gzip.compress(jsonl.encode("utf-8")))
-    rgen_rows = []
-    for _ in range(n_train):
-        label = rng.choice(labels)
-        text, word = demo_sentence(rng, label)
-        row = data.emotion_as_rgen({"id": 0, "text": text, "label": label})
-        rgen_rows.append({"question": row["question"], "answer": row["answer"],
-                          "reasoning": demo_reasoning(text, word, label)})
-    rgen = folder / "reasoning-gen"
-    data.write_reasoning_gen_demo(rgen, rgen_rows)
-    return emotion, rgen
-
-
-def prepare_demo(cfg: PipelineConfig, out: Path) -> PipelineConfig:
-    """Write the demo's data, tokenizer and tiny random model under OUT/demo_assets (once), and
-    point the config at them. Everything after this runs the real code paths."""
-    import torch
-    import checkpoint
-    from model import Llama
-    assets = out / "demo_assets"
-    emotion, rgen = assets / "data" / "emotion", assets / "data" / "reasoning-gen"
-    base = assets / "tiny-llama"
-    if not (base / "config.json").is_file():
-        emotion, rgen = write_demo_data(assets / "data", cfg.demo_rows, cfg.seed)
-        texts = [r["text"] for r in data.read_emotion(emotion, "train")]
-        texts += [m["content"] for r in data.iter_reasoning_gen(rgen)
-                  for m in data.example_messages("rgen", r)]
-        tokenizer_dir = data.build_tokenizer(texts, assets / "tokenizer", chat_format="llama3", vocab_size=600)
-        config = checkpoint.config_from_json(DEMO_MODEL_CONFIG)
-        torch.manual_seed(cfg.seed)
-        checkpoint.save_model(Llama(config), base, data.Tokenizer(tokenizer_dir).serving_files())
-    return replace(cfg, base_model=str(base), rgen_data=str(rgen), emotion_data=str(emotion), device="cpu",
-                   dtype="fp32", lr=5e-4, rgen_examples=cfg.demo_rows, rgen_epochs=cfg.demo_epochs,
-                   cls_epochs=cfg.demo_epochs, rgen_max_seq_len=256, cls_max_seq_len=256, batch_size=16,
-                   grad_accum=1, augment_max_new_tokens=40, gen_batch_size=64)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -62,10 +62,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
 import checkpoint
+import data
+from files import write_atomic, write_json
 from checkpoint import replace_dir, resolve_checkpoint
 from model import Llama
+from tokenizer import Tokenizer
 from runtime import all_sum, barrier, distributed, is_main, rank_and_world, sum_gradients
 
 
@@ -454,7 +456,7 @@ def truncate_metrics(path: Path, step: int):
                 kept.append(line + "\n")
         except json.JSONDecodeError:  # the line a kill cut short
             pass
-    data.write_atomic(path, "".join(kept))
+    write_atomic(path, "".join(kept))
 
 
 def plot_losses(out: Path):
@@ -473,7 +475,7 @@ def plot_losses(out: Path):
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set(xlabel="optimizer step", ylabel="loss per target token", title=out.name)
     ax.legend()
-    data.write_atomic(out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    write_atomic(out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 @contextmanager
@@ -527,7 +529,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # data
     base_dir = resolve_checkpoint(cfg.model)
-    tokenizer = data.Tokenizer(base_dir)
+    tokenizer = Tokenizer(base_dir)
     train_set, val_set, data_counts = load_examples(cfg, tokenizer)
     # Saved with every checkpoint: the tokenizer, our chat template and the reply budget.
     files = tokenizer.serving_files(max_new_tokens=data_counts["max_new_tokens"])
@@ -541,7 +543,7 @@ def train(cfg: TrainConfig) -> Path:
     val_batches = [collate([val_set[i] for i in val_order[s:s + cfg.batch_size]], tokenizer.pad_id).to(device)
                    for s in range(0, len(val_order), cfg.batch_size)][rank::world]  # this rank's share
     if rank == 0:
-        data.write_json(out / "train_config.json", {
+        write_json(out / "train_config.json", {
             "config": asdict(cfg), "prompt_version": data.PROMPT_VERSION, "train_examples": len(train_set),
             "val_examples": len(val_set), **data_counts, "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps, "examples_per_step": cfg.batch_size * cfg.grad_accum, "ranks": world,

@@ -8,7 +8,10 @@ import sys
 import pytest
 
 import data
-from data import LABELS, Tokenizer, build_tokenizer
+from data import LABELS
+from demo import write_reasoning_gen_demo
+from files import write_json
+from tokenizer import CHAT_TEMPLATES, CHAT_TOKENS, TOKENIZER_FILES, Tokenizer, build_tokenizer
 
 CORPUS = [
     "i feel so alone since she left", "what a wonderful day at the beach", "i adore my little brother",
@@ -166,7 +169,7 @@ def test_llama32_id_layout(tmp_path):
     tk.save(str(tmp_path / "tokenizer.json"))
     config = {"added_tokens_decoder": {str(128000 + i): {"content": n, "special": True} for i, n in enumerate(names)},
               "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
-              "chat_template": data.CHAT_TEMPLATES["llama3"], "tokenizer_class": "PreTrainedTokenizerFast"}
+              "chat_template": CHAT_TEMPLATES["llama3"], "tokenizer_class": "PreTrainedTokenizerFast"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}))
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
@@ -226,7 +229,7 @@ def test_save_writes_our_chat_template_and_stop_ids(tmp_path, tok_dirs, toks, ch
         (tok_dirs[chat_format] / "tokenizer_config.json").write_text(json.dumps(original))
     assert (out / "tokenizer.json").read_bytes() == (tok_dirs[chat_format] / "tokenizer.json").read_bytes()
     saved = json.loads((out / "tokenizer_config.json").read_text())
-    assert saved == {**original, "chat_template": data.CHAT_TEMPLATES[chat_format]}
+    assert saved == {**original, "chat_template": CHAT_TEMPLATES[chat_format]}
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == sorted(toks[chat_format].stop_ids) and generation["max_new_tokens"] == 42
     for messages in CONVERSATIONS.values():
@@ -238,11 +241,11 @@ def test_save_writes_our_chat_template_and_stop_ids(tmp_path, tok_dirs, toks, ch
 def test_build_tokenizer_is_deterministic(tmp_path):
     a = build_tokenizer(CORPUS, tmp_path / "a", chat_format="chatml", vocab_size=350)
     b = build_tokenizer(CORPUS, tmp_path / "b", chat_format="chatml", vocab_size=350)
-    for name in data.TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:
         assert (a / name).read_bytes() == (b / name).read_bytes()
     config = json.loads((a / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["eos_token"] == "<|im_end|>"
-    assert {v["content"] for v in config["added_tokens_decoder"].values()} == set(data.CHAT_TOKENS["chatml"])
+    assert {v["content"] for v in config["added_tokens_decoder"].values()} == set(CHAT_TOKENS["chatml"])
     with pytest.raises(ValueError, match="chat_format 'alpaca'"):
         build_tokenizer(CORPUS, tmp_path / "c", chat_format="alpaca")
 
@@ -570,11 +573,11 @@ def test_iter_reasoning_gen_wrong_columns_and_bad_rows(tmp_path, capsys):
 def test_write_reasoning_gen_demo_round_trip(tmp_path, monkeypatch):
     pytest.importorskip("pyarrow")
     rows = [{"question": f"q{i}", "answer": f"a{i}", "reasoning": f"r{i}"} for i in range(5)]
-    folder = data.write_reasoning_gen_demo(tmp_path / "pq", rows, shards=2)
+    folder = write_reasoning_gen_demo(tmp_path / "pq", rows, shards=2)
     assert sorted(p.name for p in (folder / "data").iterdir()) == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     assert [{k: r[k] for k in ("question", "answer", "reasoning")} for r in data.iter_reasoning_gen(folder)] == rows
     monkeypatch.setitem(sys.modules, "pyarrow", None)      # without pyarrow the demo runs on jsonl
-    folder = data.write_reasoning_gen_demo(tmp_path / "jsonl", rows)
+    folder = write_reasoning_gen_demo(tmp_path / "jsonl", rows)
     assert [p.name for p in (folder / "data").iterdir()] == ["train.jsonl"]
     assert [r["reasoning"] for r in data.iter_reasoning_gen(folder, max_examples=2)] == ["r0", "r2"]
 
@@ -593,5 +596,5 @@ def test_read_augmented(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         data.read_augmented(tmp_path / "missing.jsonl")
     assert rows.settings == {}
-    data.write_json(data.settings_path(path), {"max_new_tokens": 64, "split": "train"})
+    write_json(data.settings_path(path), {"max_new_tokens": 64, "split": "train"})
     assert data.read_augmented(path, skip_bad=True).settings == {"max_new_tokens": 64, "split": "train"}

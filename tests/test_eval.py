@@ -15,6 +15,7 @@ from eval import (COLUMNS, LABELS, UNPARSED, bootstrap_diff_ci, classification_m
                   write_report)
 import checkpoint
 from model import Llama, LlamaConfig
+from tokenizer import Tokenizer, build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -343,7 +344,7 @@ def tiny_model(vocab_size=64, eos=(2,), bos=1):
 
 
 class CharTokenizer:
-    """Stand-in for data.Tokenizer.render: BOS, one id per character of each turn, end-of-turn (2)
+    """Stand-in for Tokenizer.render: BOS, one id per character of each turn, end-of-turn (2)
     after each turn; the mask marks the assistant's characters and its end-of-turn."""
     pad_id = 0
 
@@ -398,17 +399,13 @@ EMOTION_ROWS = [
 
 
 def test_evaluate_end_to_end(tmp_path):
-    pytest.importorskip("generate")
-    data = pytest.importorskip("data")
-    if not hasattr(data, "build_tokenizer"):
-        pytest.skip("data.build_tokenizer is not written yet")
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
 
     source = tmp_path / "test.jsonl"
     source.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in EMOTION_ROWS))
     corpus = [t for t, _ in EMOTION_ROWS] + list(LABELS) + ["Emotion: joy", "The writer is afraid."]
-    data.build_tokenizer(corpus, tmp_path / "tok", chat_format="llama3", vocab_size=400)
-    tok = data.Tokenizer(tmp_path / "tok")
+    build_tokenizer(corpus, tmp_path / "tok", chat_format="llama3", vocab_size=400)
+    tok = Tokenizer(tmp_path / "tok")
     vocab = tokenizers.Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).get_vocab_size()
     model = tiny_model(vocab_size=vocab, eos=sorted(tok.stop_ids), bos=tok.bos_id)
     checkpoint.save_model(model, tmp_path / "model", tok.serving_files())

@@ -12,6 +12,7 @@ import torch
 import checkpoint
 from generate import SamplingConfig, generate_ids, sample
 from model import Llama, LlamaConfig
+from tokenizer import Tokenizer, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = SamplingConfig(max_new_tokens=20)
@@ -234,10 +235,9 @@ WORDS = ["happy", "sad", "angry", "afraid", "surprised", "loved", "today", "beca
 def model_dir(tmp_path_factory):
     """A tiny random model folder with a byte-level BPE tokenizer in the llama3 chat format,
     wide enough that a decode step takes a few ms (the kill below must land mid-run)."""
-    import data
     root = tmp_path_factory.mktemp("cli")
     texts = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) for i in range(200)]
-    tokenizer = data.Tokenizer(data.build_tokenizer(texts, root / "tok", chat_format="llama3",
+    tokenizer = Tokenizer(build_tokenizer(texts, root / "tok", chat_format="llama3",
                                                              vocab_size=300))
     model = tiny_model(vocab=tokenizer.vocab_size, std=0.1, hidden_size=384, intermediate_size=1024,
                        num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, head_dim=64,
@@ -255,12 +255,11 @@ def run_cli(*args, check=True) -> subprocess.CompletedProcess:
 
 
 def test_cli_prompt_streams_the_reply_and_help_runs(model_dir):
-    import data
     from generate import generate
     proc = run_cli("--model", model_dir, "--prompt", "my friend is happy", "--system", "be brief",
                    "--max-new-tokens", 12)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "my friend is happy"}]
-    expected = generate(checkpoint.load_model(model_dir).eval(), data.Tokenizer(model_dir), [messages],
+    expected = generate(checkpoint.load_model(model_dir).eval(), Tokenizer(model_dir), [messages],
                         SamplingConfig(max_new_tokens=12), progress=False)[0]
     assert expected["n_tokens"] > 0 and proc.stdout == expected["text"] + "\n"
     help_text = run_cli("--help").stdout

@@ -2,7 +2,7 @@
 transformers' loss, overfitting, exact resume (in process, after SIGINT and after SIGKILL),
 the optimizer groups and schedule, and the CLI end to end.
 
-Everything is built in tmp dirs (tokenizers by data.build_tokenizer, models by Llama(LlamaConfig)):
+Everything is built in tmp dirs (tokenizers by build_tokenizer, models by Llama(LlamaConfig)):
 no downloads. Torch runs on one thread here: tiny matmuls are faster that way on a shared 2-core
 machine, and the subprocesses get the same setting so that their losses compare bit for bit.
 """
@@ -21,9 +21,11 @@ import pytest
 import torch
 
 import data
+from files import write_json
 import train
 import checkpoint
 from model import Llama, LlamaConfig
+from tokenizer import Tokenizer, build_tokenizer
 from train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +47,7 @@ def write_jsonl(path: Path, rows, keys):
     return path
 
 
-def tiny_config(tokenizer: data.Tokenizer, tied: bool) -> LlamaConfig:
+def tiny_config(tokenizer: Tokenizer, tied: bool) -> LlamaConfig:
     return LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied,
                        bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
@@ -73,12 +75,12 @@ def assets(tmp_path_factory):
     texts += [data.CLASSIFY_PROMPT, data.RGEN_PROMPT, "system user assistant Emotion: " + " ".join(data.LABELS)]
     models = {}
     for chat_format, tied in (("llama3", True), ("chatml", False)):
-        tokenizer_dir = data.build_tokenizer(texts, root / f"tok-{chat_format}", chat_format=chat_format,
+        tokenizer_dir = build_tokenizer(texts, root / f"tok-{chat_format}", chat_format=chat_format,
                                              vocab_size=400)
         torch.manual_seed(0)
-        model = Llama(tiny_config(data.Tokenizer(tokenizer_dir), tied))
+        model = Llama(tiny_config(Tokenizer(tokenizer_dir), tied))
         models[chat_format] = checkpoint.save_model(model, root / f"model-{chat_format}",
-                                                    data.Tokenizer(tokenizer_dir).serving_files())
+                                                    Tokenizer(tokenizer_dir).serving_files())
     return SimpleNamespace(root=root, emotion=emotion, augmented=augmented, rgen=rgen, rows=rows,
                            rgen_rows=rgen_rows, model=models)
 
@@ -118,7 +120,7 @@ def grads(model, micro_batches):
 def test_loss_positions_predict_exactly_the_reply(assets, task, chat_format):
     """Through encode_example, right padding and the shift by one: the tokens that get a loss,
     decoded, are exactly the assistant's reply and its end-of-turn token, for every row."""
-    tokenizer = data.Tokenizer(assets.model[chat_format])
+    tokenizer = Tokenizer(assets.model[chat_format])
     rows = assets.rgen_rows[:4] if task == "rgen" else assets.rows[:4]
     batch = train.collate(examples_of(task, tokenizer, rows), tokenizer.pad_id)
     T = batch.input_ids.shape[1]
@@ -134,7 +136,7 @@ def test_loss_positions_predict_exactly_the_reply(assets, task, chat_format):
 def test_truncation_keeps_the_label_and_is_counted(assets, tmp_path):
     """q2ra examples over --max-seq-len lose the end of their reasoning, never their answer line
     or end-of-turn token; those without room for it are dropped; both are counted."""
-    tokenizer = data.Tokenizer(assets.model["llama3"])
+    tokenizer = Tokenizer(assets.model["llama3"])
     lengths = sorted(len(tokenizer.render(data.example_messages("q2ra", r))[0]) for r in assets.rows[:48])
     limit = lengths[24]  # half the examples are longer
     cfg = TrainConfig(task="q2ra", data=str(assets.augmented), out="", val_examples=4, max_seq_len=limit)
@@ -165,7 +167,7 @@ def test_truncation_keeps_the_label_and_is_counted(assets, tmp_path):
 def test_validation_rows(assets):
     """The emotion 'validation' split when there is one; a seeded held-out slice of a single file;
     rows spread over the whole reasoning-gen set."""
-    tokenizer = data.Tokenizer(assets.model["llama3"])
+    tokenizer = Tokenizer(assets.model["llama3"])
     cfg = TrainConfig(task="q2a", data=str(assets.emotion), out="", val_examples=5, max_examples=20)
     train_set, val_set, _ = train.load_examples(cfg, tokenizer)
     assert len(train_set) == 20 and [ex.ids.tolist() for ex in val_set] == \
@@ -221,7 +223,7 @@ def test_gradient_accumulation_equals_one_big_batch(assets):
     """4 micro-batches of 2 and one batch of 8 (unequal lengths, so each micro-batch has its own
     padding and target count) give the same loss and gradients: atol 1e-6, rtol 1e-5 in fp32."""
     model = checkpoint.load_model(assets.model["llama3"])
-    tokenizer = data.Tokenizer(assets.model["llama3"])
+    tokenizer = Tokenizer(assets.model["llama3"])
     examples = examples_of("q2ra", tokenizer, assets.rows[:8])
     assert len({len(ex.ids) for ex in examples}) >= 4
     big = [train.collate(examples, tokenizer.pad_id)]
@@ -245,7 +247,7 @@ def test_loss_matches_transformers(assets, chat_format):
     """Our masked loss == LlamaForCausalLM's loss on the same saved folder, labels -100 off target."""
     from transformers import LlamaForCausalLM
     folder = assets.model[chat_format]
-    tokenizer = data.Tokenizer(folder)
+    tokenizer = Tokenizer(folder)
     batch = train.collate(examples_of("q2ra", tokenizer, assets.rows[:6]), tokenizer.pad_id)
     with torch.no_grad():
         ours = train.loss_sum(checkpoint.load_model(folder), batch, bf16=False) / len(batch.targets)
@@ -261,7 +263,7 @@ def test_loss_matches_transformers(assets, chat_format):
 
 def test_gradient_checkpointing_gives_the_same_gradients(assets):
     model = checkpoint.load_model(assets.model["chatml"]).train()
-    tokenizer = data.Tokenizer(assets.model["chatml"])
+    tokenizer = Tokenizer(assets.model["chatml"])
     micro = [train.collate(examples_of("q2ra", tokenizer, assets.rows[i:i + 3]), tokenizer.pad_id) for i in (0, 3)]
     loss_plain, grads_plain = grads(model, micro)
     model.gradient_checkpointing = True
@@ -280,7 +282,7 @@ def test_tiny_model_overfits_tiny_dataset(assets, tmp_path, grad_checkpointing):
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert min(val) < 0.5 * val[0]
     # best/ holds the model with the lowest validation loss
-    tokenizer = data.Tokenizer(best)
+    tokenizer = Tokenizer(best)
     val_set = examples_of("q2a", tokenizer, assets.rows[48:60])
     batches = [train.collate(val_set[i:i + 4], tokenizer.pad_id) for i in range(0, len(val_set), 4)]
     assert train.validation_loss(checkpoint.load_model(best), batches, bf16=False) == pytest.approx(min(val), rel=1e-5)
@@ -464,7 +466,7 @@ def test_cli_end_to_end(assets, tmp_path):
         assert "no loss.png" in output
 
     from transformers import LlamaForCausalLM
-    ids = torch.tensor([examples_of("q2a", data.Tokenizer(out / "last"), assets.rows[:1])[0].ids.tolist()])
+    ids = torch.tensor([examples_of("q2a", Tokenizer(out / "last"), assets.rows[:1])[0].ids.tolist()])
     for name in ("best", "last"):
         hf = LlamaForCausalLM.from_pretrained(out / name, dtype=torch.float32).eval()
         with torch.no_grad():
@@ -492,7 +494,7 @@ def test_cli_flags_round_trip():
 def test_q2a_and_q2ra_train_on_the_same_rows(assets, tmp_path):
     """--max-examples takes the N lowest ids, not the first N lines: stage 2 writes its rows as
     they finish (shortest texts first), so the first lines of its file are another set."""
-    tokenizer = data.Tokenizer(assets.model["llama3"])
+    tokenizer = Tokenizer(assets.model["llama3"])
     completion_order = sorted(assets.rows[:48], key=lambda r: (len(r["text"]), -r["id"]))
     augmented = write_jsonl(tmp_path / "train.jsonl", completion_order, ("id", "text", "label", "reasoning"))
     prompts = {}
@@ -508,18 +510,18 @@ def test_the_longest_q2ra_target_parses_within_the_default_budget(assets, tmp_pa
     """A reasoning as long as stage 2's cap, then the answer line: the checkpoint's default
     reply budget (what eval.py uses) holds every training reply whole, end-of-turn included."""
     import eval as evaluation
-    tokenizer = data.Tokenizer(assets.model["llama3"])
+    tokenizer = Tokenizer(assets.model["llama3"])
     cap = data.DEFAULT_REASONING_TOKENS
     long_text = " ".join(f"The word {w} suggests {label}." for label, words in WORDS.items() for w in words.split())
     rows = [dict(row) for row in assets.rows[:8]]
     rows[3]["reasoning"] = tokenizer.decode(tokenizer.encode(long_text * 4)[:cap])  # as stage 2 writes a capped one
     augmented = write_jsonl(tmp_path / "train.jsonl", rows, ("id", "text", "label", "reasoning"))
-    data.write_json(data.settings_path(augmented), {"task": "rgen", "max_new_tokens": cap})
+    write_json(data.settings_path(augmented), {"task": "rgen", "max_new_tokens": cap})
     out = tmp_path / "run"
     train.train(run_config(assets, out, task="q2ra", data=str(augmented), val_examples=0, max_steps=1,
                            batch_size=8, grad_accum=1))
     recorded = json.loads((out / "train_config.json").read_text())
-    budget, source = evaluation.reply_budget(data.Tokenizer(out / "best"), "q2ra")
+    budget, source = evaluation.reply_budget(Tokenizer(out / "best"), "q2ra")
     assert source == str(out / "best" / "generation_config.json") and budget == recorded["max_new_tokens"] > cap
     assert recorded["reasoning_tokens"] == cap
     replies = [[i for i, m in zip(*tokenizer.render(data.example_messages("q2ra", row))) if m] for row in rows]
@@ -534,7 +536,7 @@ def test_a_checkpoint_serves_the_prompt_it_was_trained_on(assets, tmp_path, meta
     random Llama with its vocabulary, llama3 rope scaling and tied embeddings, one step of
     train.py: the saved folder's chat template gives transformers exactly our prompt."""
     transformers = pytest.importorskip("transformers")
-    tokenizer = data.Tokenizer(meta_tokenizer_dir)
+    tokenizer = Tokenizer(meta_tokenizer_dir)
     config = LlamaConfig(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=500000.0,
                          rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -551,7 +553,7 @@ def test_a_checkpoint_serves_the_prompt_it_was_trained_on(assets, tmp_path, meta
     assert proc.returncode == 0, output
 
     saved = out / "best"
-    ours = data.Tokenizer(saved)
+    ours = Tokenizer(saved)
     assert ours.stop_ids >= {128001, 128008, 128009} and ours.bos_id == 128000
     assert "Cutting Knowledge" not in json.loads((saved / "tokenizer_config.json").read_text())["chat_template"]
     hf = transformers.AutoTokenizer.from_pretrained(str(saved))
@@ -571,7 +573,7 @@ def test_a_checkpoint_serves_the_prompt_it_was_trained_on(assets, tmp_path, meta
 
 
 def test_rgen_columns_flag_names_the_columns(assets, tmp_path):
-    tokenizer = data.Tokenizer(assets.model["llama3"])
+    tokenizer = Tokenizer(assets.model["llama3"])
     rows = [{"q": r["question"], "a": r["answer"], "why": r["reasoning"]} for r in assets.rgen_rows]
     source = write_jsonl(tmp_path / "train.jsonl", rows, ("q", "a", "why"))
     cfg = TrainConfig(task="rgen", data=str(source), out="", val_examples=0)
