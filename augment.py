@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 import checkpoint
 import data as data_lib
-from data import settings_path
+import readers
+from readers import settings_path
 from files import write_atomic, write_json
 from generate import EAGER, Decoder, SamplingConfig, add_sampling_args, compiled_decoder, generate_stream, sampling_config
 from model import Llama
@@ -181,7 +182,7 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     source = data if rows is None else "rows"
     local_source = Path(str(source)).expanduser()
-    rows = data_lib.read_emotion(data, split) if rows is None else rows
+    rows = readers.read_emotion(data, split) if rows is None else rows
     rows = rows[:limit] if limit else rows
     seen = set()
     for row in rows:

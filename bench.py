@@ -16,7 +16,7 @@ training torch's fused AdamW (its Trainer's default, adamw_torch_fused). The fig
 
   train      tokens/s of one optimizer step on B rows of T tokens, every next token a target
              (--target-frac < 1 leaves a prompt share without loss, as in SFT; ours then sends only
-             the target positions through the output head). Ours: train.collate + train.build_optimizer
+             the target positions through the output head). Ours: data.collate + train.build_optimizer
              + train.train_step (loss_sum, backward, clip, AdamW). Transformers: forward(labels=...),
              backward, the same clipping, AdamW(fused=True) with the same settings. bf16 means autocast
              over fp32 master weights on both sides, as in train.py.
@@ -385,7 +385,7 @@ def train_step_fn(model, spec: dict):
     optimizer = train.build_optimizer(model, cfg, torch.device(device))
     if spec["side"] == "ours":
         model.gradient_checkpointing = spec["ckpt"]
-        batch = train.collate([train.Example(row, mask) for row, mask in zip(ids, is_target)], pad_id=0).to(device)
+        batch = data.collate([data.Example(row, mask) for row, mask in zip(ids, is_target)], pad_id=0).to(device)
         return lambda: train.train_step(model, optimizer, [batch], cfg.lr, cfg)[0]
 
     if spec["ckpt"]:

@@ -1,39 +1,34 @@
-"""Data: the three tasks' prompts and targets, and the dataset readers.
+"""Data: the three tasks' prompts and targets, and how a row becomes a training example.
 
     prompt_messages ...  the tasks: rgen (stage 1, question + answer -> reasoning), q2a (text ->
                          label) and q2ra (text -> reasoning, then "Emotion: <label>")
     encode_example       one training example: ids, target mask, and how it was fitted to the
                          length limit (a classifier never loses its label)
     reply_budget         the max_new_tokens that a task's replies need, end-of-turn included
-    read_emotion ...     dair-ai/emotion in its hub layouts, syvai/reasoning-gen streamed shard by
-                         shard, and stage 2's augmented jsonl
+    load_examples        a task's training and validation examples, from the files to token ids
+    collate ...          right-padded micro-batches that list the positions carrying a loss,
+                         grouped by length, in a seeded order per epoch
 
-The chat format that turns a task's messages into token ids is tokenizer.py's.
-
-Readers raise a one-line ValueError naming the file and the row (1-based: "line N" in jsonl,
-"row N" in csv and parquet) on bad data. With skip_bad=True bad rows are left out instead: the
-lists returned are `Rows` and the stream a `RowStream`, both with a `skipped` count, and each
-file with bad rows prints one warning to stderr.
-
-References: Saravia et al. 2018 (the emotion dataset, CARER).
+The chat format that turns a task's messages into token ids is tokenizer.py's; the files the
+rows come from are read by readers.py.
 """
 from __future__ import annotations
 
-import csv
-import gzip
-import json
-import re
-import sys
-from functools import partial
+import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import NamedTuple
 
-from files import read_json
+import torch
+from tqdm import tqdm
+
+import readers
+from readers import LABELS
+from runtime import is_main, say
 from tokenizer import Tokenizer
+
 
 # ----------------------------------------------------------------------------- tasks
 
-LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]  # dair-ai/emotion's id order
 TASKS = ("rgen", "q2a", "q2ra")
 ANSWER_PREFIX = "Emotion:"  # q2ra's last line is exactly "Emotion: <label>"; eval.py parses it
 PROMPT_VERSION = "v1"       # bump whenever a wording below changes: trained models depend on it
@@ -137,316 +132,145 @@ def reply_budget(tokenizer: Tokenizer, task: str, reasoning_tokens: int = DEFAUL
     raise ValueError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
 
 
-# ----------------------------------------------------------------------------- readers
+# ----------------------------------------------------------------------------- examples and batches
 
-class Rows(list):
-    """A list of rows; `skipped` counts the bad rows that skip_bad=True left out."""
-    skipped = 0
-    settings: dict = {}  # read_augmented: stage 2's settings
-
-
-class RowStream:
-    """An iterator of rows read lazily, at most `limit`; `skipped` counts the bad rows left out so far."""
-
-    def __init__(self, items: Iterator, limit: int | None = None):
-        self._items, self._left, self.skipped = items, limit, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        if self._left is not None and self._left <= 0:
-            raise StopIteration  # so the files after this one are never opened
-        while (item := next(self._items)) is _SKIPPED:
-            self.skipped += 1
-        if self._left is not None:
-            self._left -= 1
-        return item
+class Example(NamedTuple):
+    ids: torch.Tensor        # (T,) int32 token ids of the whole conversation
+    is_target: torch.Tensor  # (T,) bool: the assistant's reply tokens and its end-of-turn token
 
 
-class _BadRow(Exception):
-    pass
+class Batch(NamedTuple):
+    input_ids: torch.Tensor  # (B, T) right-padded
+    loss_pos: torch.Tensor   # (N,) flat index b * T + t of each position whose next token is a target
+    targets: torch.Tensor    # (N,) that next token
+    n_tokens: int            # real (non-padding) tokens, for the speed readout
+
+    def to(self, device):
+        return self._replace(**{k: getattr(self, k).to(device, non_blocking=True)
+                                for k in ("input_ids", "loss_pos", "targets")})
 
 
-_SKIPPED = object()  # what a skipped bad row becomes on its way to RowStream
-
-
-def _parquet_file(path: Path):
-    try:
-        import pyarrow
-        import pyarrow.parquet as pq  # optional: only parquet files need it
-    except ImportError:
-        raise ModuleNotFoundError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
-    try:
-        return pq.ParquetFile(path)
-    except (pyarrow.ArrowException, OSError) as e:
-        raise ValueError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-
-
-def _columns(path: Path) -> list[str] | None:
-    """The column names of a parquet or csv file; None for jsonl, whose rows each carry their own."""
-    if path.name.endswith(".parquet"):
-        return _parquet_file(path).schema_arrow.names
-    if path.name.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            return next(csv.reader(f), [])
-    return None
-
-
-def _records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[str, dict | None]]:
-    """(where, record) for each row of a .parquet, .csv or .jsonl(.gz) file; where is "row N"
-    or "line N" (1-based); record is None for a line that is not a JSON object."""
-    name = path.name
-    if name.endswith(".parquet"):  # batch by batch: a 215 MB shard is never in memory whole
-        n = 0
-        for batch in _parquet_file(path).iter_batches(batch_size=1024, columns=columns):
-            for record in batch.to_pylist():
-                n += 1
-                yield f"row {n}", record
-    elif name.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            for n, record in enumerate(csv.DictReader(f), 1):
-                yield f"row {n}", record
-    elif name.endswith((".jsonl", ".jsonl.gz")):
-        with (gzip.open(path, "rt", encoding="utf-8") if name.endswith(".gz") else open(path, encoding="utf-8")) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        record = None
-                    yield f"line {n}", record if isinstance(record, dict) else None
+def load_examples(task: str, source, tokenizer: Tokenizer, max_seq_len: int, max_examples: int = 0,
+                  val_examples: int = 0, val_source="", seed: int = 0, skip_bad: bool = False,
+                  rgen_columns: str = "") -> tuple[list[Example], list[Example], dict]:
+    """Training and validation examples of a task, tokenized; plus what the data turned out to
+    be: counts of what was cut, shortened, dropped or skipped, stage 2's reasoning cap (q2ra) and
+    the reply budget (max_new_tokens) that the model's replies need. See train.TrainConfig for
+    what each argument means."""
+    if task == "rgen":
+        # Streamed: 350k rows (3 GB) never sit in memory as text. Every k-th example is held out,
+        # so that validation, like training, covers the whole set (the rows come in the set's order).
+        limit = max_examples + val_examples if max_examples else None
+        rows = readers.iter_reasoning_gen(source, max_examples=limit, skip_bad=skip_bad,
+                                          columns=readers.parse_rgen_columns(rgen_columns))
+        examples, fits = encode(task, tokenizer, rows, max_seq_len, "rgen")
+        n_val = held_out_count(val_examples, len(examples))
+        held_out = set(range(0, n_val * (len(examples) // n_val), len(examples) // n_val)) if n_val else set()
+        train_set = [ex for i, ex in enumerate(examples) if i not in held_out]
+        val_set, skipped = [ex for i, ex in enumerate(examples) if i in held_out], rows.skipped
+        reasoning_tokens = None
     else:
-        raise ValueError(f"{path}: unknown file type (expected .parquet, .csv, .jsonl or .jsonl.gz)")
+        train_rows = emotion_rows(task, source, "train", skip_bad)
+        skipped, val_rows, reasoning_tokens = train_rows.skipped, None, train_rows.settings.get("max_new_tokens")
+        if val_examples and val_source:
+            val_rows = emotion_rows(task, val_source, "validation", skip_bad)
+            skipped += val_rows.skipped
+            val_rows = val_rows[:val_examples]
+        elif val_examples and not Path(source).is_file():  # a single file is one split only
+            try:
+                val_rows = emotion_rows("q2a", source, "validation", skip_bad)
+                skipped += val_rows.skipped
+                val_rows = val_rows[:val_examples]
+            except FileNotFoundError:
+                pass
+        if val_rows is None:  # no validation split: hold out a seeded random slice of the training rows
+            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed)).tolist()
+            held_out = set(order[:held_out_count(val_examples, len(train_rows))])
+            val_rows = [row for i, row in enumerate(train_rows) if i in held_out]
+            train_rows = [row for i, row in enumerate(train_rows) if i not in held_out]
+        if max_examples:
+            train_rows = train_rows[:max_examples]
+        (train_set, fits), (val_set, val_fits) = (encode(task, tokenizer, train_rows, max_seq_len, "training"),
+                                                  encode(task, tokenizer, val_rows, max_seq_len, "validation"))
+        fits = {k: fits[k] + val_fits[k] for k in fits}
+    if skipped:
+        say("data", f"--skip-bad: {skipped} bad rows were skipped (the warnings above name them)")
+    # The longest reply a classifier may have to write: what its training targets allow, at least.
+    budget = max([reply_budget(tokenizer, task, reasoning_tokens or DEFAULT_REASONING_TOKENS)]
+                 + [int(ex.is_target.sum()) for ex in train_set + val_set])
+    return train_set, val_set, {**fits, "skipped_bad_rows": skipped, "reasoning_tokens": reasoning_tokens,
+                                "max_new_tokens": budget}
 
 
-def _parse_file(path: Path, parse: Callable[[dict, int], dict], skip_bad: bool, first_index: int,
-                columns: list[str] | None, wanted: Callable[[int], bool] | None = None):
-    """Yield parse(record, index) for each row of one file, index counting every row (bad ones
-    too) from first_index; return the number of rows. A bad row raises a one-line ValueError
-    naming the file and row, or with skip_bad yields _SKIPPED (and the file gets one warning).
-    wanted(index) False: the row is passed over unread (a bad one there is no error)."""
-    n, n_bad, first_bad = 0, 0, None
-    for where, record in _records(path, columns):
-        if wanted is not None and not wanted(first_index + n):
-            n += 1
-            continue
-        try:
-            if record is None:
-                raise _BadRow("not a JSON object")
-            yield parse(record, first_index + n)
-        except _BadRow as e:
-            if not skip_bad:
-                raise ValueError(f"{path}: {where}: {e} (skip_bad=True leaves bad rows out)") from None
-            n_bad, first_bad = n_bad + 1, first_bad or f"{where}: {e}"
-            yield _SKIPPED
-        n += 1
-    if n_bad:
-        print(f"{path}: skipped {n_bad} bad row(s) of {n}; the first: {first_bad}", file=sys.stderr)
-    return n
-
-
-def _parse_files(files: list[Path], parser_for: Callable, skip_bad: bool, wanted=None):
-    """_parse_file over several files (shards); parser_for(file) -> (parse, columns to read) is
-    called only when the file's turn comes. Row indices continue across files."""
-    index = 0
-    for file in files:
-        parse, columns = parser_for(file)
-        index += yield from _parse_file(file, parse, skip_bad, index, columns, wanted)
-
-
-def _collect(stream: RowStream) -> Rows:
-    rows = Rows(stream)
-    rows.skipped = stream.skipped
+def emotion_rows(task: str, source, split: str, skip_bad: bool) -> readers.Rows:
+    """q2a/q2ra rows of one split, in id order; for q2ra a file is stage 2's output, which holds
+    the reasoning. Id order, not file order: stage 2 writes rows as they finish, shortest texts
+    first, so that the first N rows of its file would be another set than q2a's first N."""
+    if task == "q2ra" and Path(source).is_file():
+        rows = readers.read_augmented(source, skip_bad=skip_bad)
+    else:
+        rows = readers.read_emotion(source, split, skip_bad=skip_bad)
+    rows.sort(key=lambda row: (isinstance(row["id"], str), row["id"]))  # ints and strings apart
     return rows
 
 
-def _local_or_download(source, **patterns) -> Path:
-    """source as a local path; a hub dataset id (owner/name) is downloaded once into the HF cache."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    hub_id = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(source)) and not str(source).endswith(
-        (".jsonl", ".gz", ".csv", ".parquet", ".json"))
-    if not hub_id:
-        raise FileNotFoundError(f"{source}: no such file or folder")
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(str(source), repo_type="dataset", **patterns))
-    except Exception as e:  # offline, no such dataset, or gated
-        first_line = (str(e).splitlines() or [""])[0]
-        raise RuntimeError(f"{source}: not a local path, and downloading it from the Hugging Face hub failed "
-                           f"(offline? {type(e).__name__}: {first_line})") from None
+def held_out_count(val_examples: int, n_rows: int) -> int:
+    """Validation examples taken from the training rows: val_examples, but no more than a tenth (rounded up)."""
+    return min(val_examples, math.ceil(n_rows / 10))
 
 
-# ----------------------------------------------------------------------------- emotion
-
-EMOTION_SPLITS = ("train", "validation", "test")
-
-
-def _label_name(value) -> str | None:
-    """A label id 0-5 (int or digits) or name (any case) as its LABELS name; None if neither."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return LABELS[value] if 0 <= value < len(LABELS) else None
-    if isinstance(value, str):
-        value = value.strip().lower()
-        return _label_name(int(value)) if value.isdigit() else value if value in LABELS else None
-    return None
+FITS = {"cut": "cut from the right", "shortened": "shortened in their reasoning (the answer line kept)",
+        "dropped": "dropped (no reply token, or no room for the label, would be left)"}
 
 
-def _emotion_row(record: dict, index: int, extra: tuple[str, ...] = ()) -> dict:
-    """The record with label as a LABELS name and an id (its own, else index); _BadRow if unusable."""
-    for name in ("text", "label") + extra:
-        if record.get(name) is None:
-            raise _BadRow(f"missing field '{name}' (found: {', '.join(record) or 'nothing'})")
-    if not isinstance(record["text"], str) or not record["text"].strip():
-        raise _BadRow("empty text")
-    label = _label_name(record["label"])
-    if label is None:
-        raise _BadRow(f"unknown label {record['label']!r} (expected 0-5 or one of {', '.join(LABELS)})")
-    for name in extra:
-        if not isinstance(record[name], str) or not record[name].strip():
-            raise _BadRow(f"empty {name}")
-    return {**record, "id": record["id"] if record.get("id") is not None else index, "label": label}
+def encode(task: str, tokenizer: Tokenizer, rows, max_seq_len: int, name: str = "") -> tuple[list[Example], dict]:
+    """Token ids and target masks; returns them with the counts of the examples longer than
+    max_seq_len, by what was done to them (encode_example): {cut,shortened,dropped}_examples."""
+    examples, fits, n_rows = [], dict.fromkeys(FITS, 0), 0
+    for row in tqdm(rows, desc=f"tokenize {name}", unit="row", leave=False, disable=not is_main()):
+        n_rows += 1
+        ex = encode_example(tokenizer, task, row, max_seq_len)
+        if ex["fit"] != "whole":
+            fits[ex["fit"]] += 1
+        if ex["fit"] != "dropped":
+            examples.append(Example(torch.tensor(ex["input_ids"], dtype=torch.int32),
+                                    torch.tensor(ex["target_mask"], dtype=torch.bool)))
+    for fit, n in fits.items():
+        if n:
+            say("data", f"{n} of {n_rows} {name} examples were longer than --max-seq-len {max_seq_len}: {FITS[fit]}")
+    return examples, {f"{fit}_examples": n for fit, n in fits.items()}
 
 
-def _emotion_files(folder: Path, split: str) -> list[Path]:
-    # The hub's "split" config (split/), an export or mirror (data/), a config folder itself
-    # (point at .../unsplit to read that config: its 417k rows overlap the split config's test
-    # set, so it is never picked implicitly), the older data/{split}.jsonl.gz, and plain files.
-    patterns = [f"split/{split}-*.parquet", f"data/{split}-*.parquet", f"{split}-*.parquet",
-                f"data/{split}.jsonl.gz", f"{split}.jsonl", f"{split}.jsonl.gz", f"{split}.csv", f"{split}.parquet"]
-    for pattern in patterns:
-        files = sorted(folder.glob(pattern))
-        if files:
-            return files
-    raise FileNotFoundError(f"{folder}: no '{split}' split here (looked for {', '.join(patterns)})")
+def batch_order(lengths: list[int], batch_size: int, chunk: int, seed: int, epoch: int) -> list[list[int]]:
+    """Micro-batches (lists of example indices) of one epoch, the same for the same seed and epoch.
+
+    Shuffle, sort by length within chunks of `chunk` micro-batches (so a batch's rows have
+    similar lengths and padding is small), then shuffle the batches (so lengths do not
+    trend within a chunk)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    batches, span = [], chunk * batch_size
+    for start in range(0, len(perm), span):
+        part = sorted(perm[start:start + span], key=lambda i: lengths[i])
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
-def read_emotion(source, split: str, skip_bad: bool = False) -> Rows:
-    """dair-ai/emotion rows {id, text, label}: label a LABELS name, id the file's id column or
-    else the row's index in the split. source: a folder in one of the hub's layouts (see
-    _emotion_files), a single .parquet/.jsonl(.gz)/.csv file (which is the split), or a hub id.
-    Labels may be ids 0-5 or names."""
-    if split not in EMOTION_SPLITS:
-        raise ValueError(f"split '{split}' is not one of {', '.join(EMOTION_SPLITS)}")
-    path = _local_or_download(source, ignore_patterns=["unsplit/*"])  # 27 MB we would never read
-    files = [path] if path.is_file() else _emotion_files(path, split)
-    for file in files:  # checked up front: wrong columns are the file's fault, never skipped
-        found = _columns(file)
-        if found is not None and not {"text", "label"} <= set(found):
-            raise ValueError(f"{file}: expected columns text and label, found: {', '.join(found) or 'none'}")
-
-    def parse(record, index):
-        row = _emotion_row(record, index)
-        return {"id": row["id"], "text": row["text"], "label": row["label"]}
-    return _collect(RowStream(_parse_files(files, lambda file: (parse, None), skip_bad)))
+def optimizer_steps(lengths: list[int], batch_size: int, grad_accum: int, chunk: int, seed: int,
+                    epoch: int) -> list[list[list[int]]]:
+    """The epoch's batch order, grouped into optimizer steps of grad_accum micro-batches (the last may have fewer)."""
+    batches = batch_order(lengths, batch_size, chunk, seed, epoch)
+    return [batches[i:i + grad_accum] for i in range(0, len(batches), grad_accum)]
 
 
-def read_augmented(path, skip_bad: bool = False) -> Rows:
-    """Stage 2's output: jsonl rows {id, text, label, reasoning, ...}, every field kept, label as
-    a name; `settings` holds what stage 2 ran with (its sidecar, see settings_path; {} without)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-
-    def parse(record, index):
-        return _emotion_row(record, index, extra=("reasoning",))
-    rows = _collect(RowStream(_parse_files([path], lambda file: (parse, None), skip_bad)))
-    rows.settings = read_json(settings_path(path)) if settings_path(path).is_file() else {}
-    return rows
-
-
-def settings_path(jsonl) -> Path:
-    """Where stage 2 records the settings of an output file: OUT.jsonl -> OUT.jsonl.meta.json."""
-    jsonl = Path(jsonl)
-    return jsonl.with_name(jsonl.name + ".meta.json")
-
-
-# ----------------------------------------------------------------------------- reasoning-gen
-
-# syvai/reasoning-gen's columns are read from each file and matched by name to these roles.
-# (Its dataset card is not in our references; the paper names the parts question, answer and
-# reasoning, so we accept those and the usual aliases, and name the columns found otherwise.)
-RGEN_COLUMNS = {
-    "question": ("question", "prompt", "instruction", "input", "query", "problem"),
-    "answer": ("answer", "response", "output", "completion", "final_answer", "solution"),
-    "reasoning": ("reasoning", "rationale", "thinking", "thoughts", "thought", "explanation", "chain_of_thought", "cot"),
-}
-
-
-def _rgen_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    for pattern in ("**/train-*.parquet", "**/*.parquet", "**/*.jsonl", "**/*.jsonl.gz"):
-        files = sorted(path.glob(pattern))
-        if files:
-            return files
-    raise FileNotFoundError(f"{path}: no .parquet or .jsonl files here")
-
-
-def parse_rgen_columns(spec: str) -> dict[str, str]:
-    """"question=COL,answer=COL,reasoning=COL" (any of the three roles) as {role: column}."""
-    columns = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        role, _, column = part.partition("=")
-        if role.strip() not in RGEN_COLUMNS or not column.strip():
-            raise ValueError(f"--rgen-columns: '{part}' is not ROLE=COLUMN with ROLE one of {', '.join(RGEN_COLUMNS)}")
-        columns[role.strip()] = column.strip()
-    return columns
-
-
-def _rgen_parser(file: Path, chosen: dict[str, str]):
-    """The row parser for one reasoning-gen file and the columns it reads: the columns chosen
-    by role (--rgen-columns), else the first alias of each role among the file's columns."""
-    found = _columns(file)
-    if found is None:  # jsonl: the first record's keys
-        found = next((list(record) for _, record in _records(file) if record is not None), [])
-    by_lower = {name.lower(): name for name in found}
-    columns = {role: chosen.get(role) or next((by_lower[a] for a in aliases if a in by_lower), None)
-               for role, aliases in RGEN_COLUMNS.items()}
-    for role, column in chosen.items():
-        if column not in found:
-            raise ValueError(f"{file}: no column '{column}' for {role} (found: {', '.join(found) or 'none'})")
-    missing = [role for role, column in columns.items() if column is None]
-    if missing:
-        raise ValueError(f"{file}: no column for {', '.join(missing)} (found: {', '.join(found) or 'none'}; "
-                         f"accepted: {'; '.join('/'.join(a) for a in RGEN_COLUMNS.values())}; name them with "
-                         f"--rgen-columns question=COL,answer=COL,reasoning=COL)")
-    id_column = by_lower.get("id")
-
-    def parse(record, index):
-        row = {"id": record.get(id_column) if id_column else None}
-        for role, column in columns.items():
-            value = record.get(column)
-            if not isinstance(value, str) or not value.strip():
-                raise _BadRow(f"{'missing' if value is None else 'empty'} {role} (column '{column}')")
-            row[role] = value
-        row["id"] = index if row["id"] is None else row["id"]
-        return row
-    return parse, list(columns.values()) + ([id_column] if id_column else [])
-
-
-def iter_reasoning_gen(source, max_examples: int | None = None, skip_bad: bool = False,
-                       columns: dict[str, str] | None = None) -> RowStream:
-    """syvai/reasoning-gen rows {id, question, answer, reasoning}, streamed shard by shard and
-    batch by batch (the real set is ~350k rows of math, code and science in ~215 MB parquet
-    shards). max_examples: that many rows spread evenly over all shards (rows i * total // n),
-    not the first ones, which would all come from one part of the set if its shards are grouped
-    by domain. source: folder, file or hub id. id is the file's id column, else the row's index
-    over all shards. columns: {role: column name} for roles whose column has no known alias."""
-    files = _rgen_files(_local_or_download(source))
-    wanted = None
-    if max_examples:
-        total = sum(_row_count(f) for f in files)
-        if total > max_examples:
-            picked = {i * total // max_examples for i in range(max_examples)}
-            wanted = picked.__contains__
-    return RowStream(_parse_files(files, partial(_rgen_parser, chosen=columns or {}), skip_bad, wanted), max_examples)
-
-
-def _row_count(path: Path) -> int:
-    """Rows of a file as _records counts them: a parquet file's from its footer, no data read."""
-    if path.name.endswith(".parquet"):
-        return _parquet_file(path).metadata.num_rows
-    return sum(1 for _ in _records(path))
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right-pad a micro-batch and list the positions that carry a loss."""
+    T = max(len(ex.ids) for ex in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    is_target = torch.zeros((len(examples), T), dtype=torch.bool)
+    for b, ex in enumerate(examples):
+        ids[b, :len(ex.ids)] = ex.ids
+        is_target[b, :len(ex.ids)] = ex.is_target
+    # Position t predicts token t + 1: it carries a loss when token t + 1 is a target.
+    rows, cols = is_target[:, 1:].nonzero(as_tuple=True)                # (N,), (N,)
+    return Batch(ids, rows * T + cols, ids[rows, cols + 1], sum(len(ex.ids) for ex in examples))

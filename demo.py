@@ -18,6 +18,7 @@ import torch
 
 import checkpoint
 import data
+import readers
 from files import write_atomic
 from model import Llama
 from tokenizer import Tokenizer, build_tokenizer
@@ -91,8 +92,8 @@ def prepare(out: Path, rows: int, epochs: float, seed: int) -> dict:
     base = assets / "tiny-llama"
     if not (base / "config.json").is_file():
         emotion, rgen = write_demo_data(assets / "data", rows, seed)
-        texts = [r["text"] for r in data.read_emotion(emotion, "train")]
-        texts += [m["content"] for r in data.iter_reasoning_gen(rgen)
+        texts = [r["text"] for r in readers.read_emotion(emotion, "train")]
+        texts += [m["content"] for r in readers.iter_reasoning_gen(rgen)
                   for m in data.example_messages("rgen", r)]
         tokenizer_dir = build_tokenizer(texts, assets / "tokenizer", chat_format="llama3", vocab_size=600)
         config = checkpoint.config_from_json(DEMO_MODEL_CONFIG)

@@ -383,12 +383,13 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
     if scoring == "logprob" and task != "q2a":
         raise ValueError("logprob scoring needs replies that are just the label: q2a only, not q2ra")
     import data as data_module
+    import readers
     from runtime import resolve_device_dtype
     import checkpoint
 
     device, dtype = resolve_device_dtype(device, dtype)
     t0 = time.perf_counter()
-    rows = data_module.read_emotion(data, split)[:limit]
+    rows = readers.read_emotion(data, split)[:limit]
     if not rows:
         raise ValueError(f"{data}: split '{split}' has no rows")
     folder = checkpoint.resolve_checkpoint(model_dir)  # a hub id is downloaded once

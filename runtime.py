@@ -8,11 +8,13 @@ all_sum returns its values, barrier returns at once, sum_gradients does nothing.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- processes
 # Under torchrun every rank runs the whole stage on its own device, with a whole copy of the
@@ -80,6 +82,12 @@ def sum_gradients(model: torch.nn.Module):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def say(who: str, msg: str):
+    """One line to stderr from rank 0 only, above any progress bar: "who: msg"."""
+    if is_main():
+        tqdm.write(f"{who}: {msg}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- devices

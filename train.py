@@ -55,7 +55,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -160,154 +159,15 @@ def log(msg: str):
         tqdm.write(f"train: {msg}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- loss
 # Under torchrun (runtime.distributed) every rank runs this whole file, with all the data and a
 # whole copy of the model. An optimizer step's micro-batches are dealt out to the ranks, the
 # loss of each is divided by the target tokens of the whole step (all ranks), and the gradients
 # are summed over the ranks before clipping and the AdamW step, which then run identically on
 # every rank: the copies never drift apart, and no parameters need to be exchanged.
 
-class Example(NamedTuple):
-    ids: torch.Tensor        # (T,) int32 token ids of the whole conversation
-    is_target: torch.Tensor  # (T,) bool: the assistant's reply tokens and its end-of-turn token
 
-
-class Batch(NamedTuple):
-    input_ids: torch.Tensor  # (B, T) right-padded
-    loss_pos: torch.Tensor   # (N,) flat index b * T + t of each position whose next token is a target
-    targets: torch.Tensor    # (N,) that next token
-    n_tokens: int            # real (non-padding) tokens, for the speed readout
-
-    def to(self, device):
-        return self._replace(**{k: getattr(self, k).to(device, non_blocking=True)
-                                for k in ("input_ids", "loss_pos", "targets")})
-
-
-def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], dict]:
-    """Training and validation examples of the task, tokenized; plus what the data turned out to
-    be: counts of what was cut, shortened, dropped or skipped, stage 2's reasoning cap (q2ra) and
-    the reply budget (max_new_tokens) that the model's replies need."""
-    if cfg.task == "rgen":
-        # Streamed: 350k rows (3 GB) never sit in memory as text. Every k-th example is held out,
-        # so that validation, like training, covers the whole set (the rows come in the set's order).
-        limit = cfg.max_examples + cfg.val_examples if cfg.max_examples else None
-        rows = data.iter_reasoning_gen(cfg.data, max_examples=limit, skip_bad=cfg.skip_bad,
-                                       columns=data.parse_rgen_columns(cfg.rgen_columns))
-        examples, fits = encode(cfg, tokenizer, rows, "rgen")
-        n_val = held_out_count(cfg, len(examples))
-        held_out = set(range(0, n_val * (len(examples) // n_val), len(examples) // n_val)) if n_val else set()
-        train_set = [ex for i, ex in enumerate(examples) if i not in held_out]
-        val_set, skipped = [ex for i, ex in enumerate(examples) if i in held_out], rows.skipped
-        reasoning_tokens = None
-    else:
-        train_rows = emotion_rows(cfg, cfg.data, "train")
-        skipped, val_rows, reasoning_tokens = train_rows.skipped, None, train_rows.settings.get("max_new_tokens")
-        if cfg.val_examples and cfg.val_data:
-            val_rows = emotion_rows(cfg, cfg.val_data, "validation")
-            skipped += val_rows.skipped
-            val_rows = val_rows[:cfg.val_examples]
-        elif cfg.val_examples and not Path(cfg.data).is_file():  # a single file is one split only
-            try:
-                val_rows = data.read_emotion(cfg.data, "validation", skip_bad=cfg.skip_bad)
-                skipped += val_rows.skipped
-                val_rows = val_rows[:cfg.val_examples]
-            except FileNotFoundError:
-                pass
-        if val_rows is None:  # no validation split: hold out a seeded random slice of the training rows
-            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-            held_out = set(order[:held_out_count(cfg, len(train_rows))])
-            val_rows = [row for i, row in enumerate(train_rows) if i in held_out]
-            train_rows = [row for i, row in enumerate(train_rows) if i not in held_out]
-        if cfg.max_examples:
-            train_rows = train_rows[:cfg.max_examples]
-        (train_set, fits), (val_set, val_fits) = (encode(cfg, tokenizer, train_rows, "training"),
-                                                  encode(cfg, tokenizer, val_rows, "validation"))
-        fits = {k: fits[k] + val_fits[k] for k in fits}
-    if skipped:
-        log(f"--skip-bad: {skipped} bad rows were skipped (the warnings above name them)")
-    # The longest reply a classifier may have to write: what its training targets allow, at least.
-    budget = max([data.reply_budget(tokenizer, cfg.task, reasoning_tokens or data.DEFAULT_REASONING_TOKENS)]
-                 + [int(ex.is_target.sum()) for ex in train_set + val_set])
-    return train_set, val_set, {**fits, "skipped_bad_rows": skipped, "reasoning_tokens": reasoning_tokens,
-                                "max_new_tokens": budget}
-
-
-def emotion_rows(cfg: TrainConfig, source, split: str) -> data.Rows:
-    """q2a/q2ra rows of one split, in id order; for q2ra a file is stage 2's output, which holds
-    the reasoning. Id order, not file order: stage 2 writes rows as they finish, shortest texts
-    first, so that the first N rows of its file would be another set than q2a's first N."""
-    if cfg.task == "q2ra" and Path(source).is_file():
-        rows = data.read_augmented(source, skip_bad=cfg.skip_bad)
-    else:
-        rows = data.read_emotion(source, split, skip_bad=cfg.skip_bad)
-    rows.sort(key=lambda row: (isinstance(row["id"], str), row["id"]))  # ints and strings apart
-    return rows
-
-
-def held_out_count(cfg: TrainConfig, n_rows: int) -> int:
-    """Validation examples taken from the training rows: val_examples, but no more than a tenth (rounded up)."""
-    return min(cfg.val_examples, math.ceil(n_rows / 10))
-
-
-FITS = {"cut": "cut from the right", "shortened": "shortened in their reasoning (the answer line kept)",
-        "dropped": "dropped (no reply token, or no room for the label, would be left)"}
-
-
-def encode(cfg: TrainConfig, tokenizer, rows, name: str) -> tuple[list[Example], dict]:
-    """Token ids and target masks; returns them with the counts of the examples longer than
-    max_seq_len, by what was done to them (data.encode_example): {cut,shortened,dropped}_examples."""
-    examples, fits, n_rows = [], dict.fromkeys(FITS, 0), 0
-    for row in tqdm(rows, desc=f"tokenize {name}", unit="row", leave=False, disable=not is_main()):
-        n_rows += 1
-        ex = data.encode_example(tokenizer, cfg.task, row, cfg.max_seq_len)
-        if ex["fit"] != "whole":
-            fits[ex["fit"]] += 1
-        if ex["fit"] != "dropped":
-            examples.append(Example(torch.tensor(ex["input_ids"], dtype=torch.int32),
-                                    torch.tensor(ex["target_mask"], dtype=torch.bool)))
-    for fit, n in fits.items():
-        if n:
-            log(f"{n} of {n_rows} {name} examples were longer than --max-seq-len {cfg.max_seq_len}: {FITS[fit]}")
-    return examples, {f"{fit}_examples": n for fit, n in fits.items()}
-
-
-def batch_order(lengths: list[int], batch_size: int, chunk: int, seed: int, epoch: int) -> list[list[int]]:
-    """Micro-batches (lists of example indices) of one epoch, the same for the same seed and epoch.
-
-    Shuffle, sort by length within chunks of `chunk` micro-batches (so a batch's rows have
-    similar lengths and padding is small), then shuffle the batches (so lengths do not
-    trend within a chunk)."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(len(lengths), generator=g).tolist()
-    batches, span = [], chunk * batch_size
-    for start in range(0, len(perm), span):
-        part = sorted(perm[start:start + span], key=lambda i: lengths[i])
-        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-
-
-def optimizer_steps(cfg: TrainConfig, lengths: list[int], epoch: int) -> list[list[list[int]]]:
-    """The epoch's batch order, grouped into optimizer steps of grad_accum micro-batches (the last may have fewer)."""
-    batches = batch_order(lengths, cfg.batch_size, cfg.length_chunk, cfg.seed, epoch)
-    return [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
-
-
-def collate(examples: list[Example], pad_id: int) -> Batch:
-    """Right-pad a micro-batch and list the positions that carry a loss."""
-    T = max(len(ex.ids) for ex in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    is_target = torch.zeros((len(examples), T), dtype=torch.bool)
-    for b, ex in enumerate(examples):
-        ids[b, :len(ex.ids)] = ex.ids
-        is_target[b, :len(ex.ids)] = ex.is_target
-    # Position t predicts token t + 1: it carries a loss when token t + 1 is a target.
-    rows, cols = is_target[:, 1:].nonzero(as_tuple=True)                # (N,), (N,)
-    return Batch(ids, rows * T + cols, ids[rows, cols + 1], sum(len(ex.ids) for ex in examples))
-
-
-# ----------------------------------------------------------------------------- loss
-
-def loss_sum(model: Llama, batch: Batch, bf16: bool) -> torch.Tensor:
+def loss_sum(model: Llama, batch: data.Batch, bf16: bool) -> torch.Tensor:
     """Summed cross-entropy (fp32) of the target tokens of one micro-batch.
 
     Right padding only trails real tokens, so plain causal attention (attention_mask=None,
@@ -320,13 +180,13 @@ def loss_sum(model: Llama, batch: Batch, bf16: bool) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch.targets, reduction="sum")
 
 
-def count_targets(micro_batches: list[Batch]) -> int:
+def count_targets(micro_batches: list[data.Batch]) -> int:
     """Target tokens of one optimizer step; every micro-batch's summed loss is divided by it.
     (Averaging each micro-batch's mean instead would overweight short examples.)"""
     return sum(len(b.targets) for b in micro_batches)
 
 
-def forward_backward(model: Llama, micro_batches: list[Batch], bf16: bool) -> float:
+def forward_backward(model: Llama, micro_batches: list[data.Batch], bf16: bool) -> float:
     """Accumulate the gradient of one optimizer step: the same as one forward/backward of the
     concatenated batch. Returns the step's loss per target token. Under torchrun micro_batches
     are this rank's share of the step, and every rank ends with the gradient of the whole step."""
@@ -343,7 +203,7 @@ def forward_backward(model: Llama, micro_batches: list[Batch], bf16: bool) -> fl
     return total / n_targets
 
 
-def train_step(model: Llama, optimizer, micro_batches: list[Batch], lr: float, cfg: TrainConfig) -> tuple[float, float]:
+def train_step(model: Llama, optimizer, micro_batches: list[data.Batch], lr: float, cfg: TrainConfig) -> tuple[float, float]:
     """One optimizer step at learning rate lr; returns the loss per target token and the
     gradient norm before clipping (both floats: this waits for the GPU, once per step)."""
     for group in optimizer.param_groups:
@@ -356,7 +216,7 @@ def train_step(model: Llama, optimizer, micro_batches: list[Batch], lr: float, c
 
 
 @torch.no_grad()
-def validation_loss(model: Llama, batches: list[Batch], bf16: bool) -> float:
+def validation_loss(model: Llama, batches: list[data.Batch], bf16: bool) -> float:
     """Loss per target token over the whole validation set (under torchrun: batches is this
     rank's share of it)."""
     was_training = model.training
@@ -507,9 +367,26 @@ def stop_requests():
 
 # ----------------------------------------------------------------------------- training
 
-def train(cfg: TrainConfig) -> Path:
-    """Fine-tune cfg.model on cfg.task; returns the folder of the best checkpoint (OUT/best).
-    Under torchrun (see distributed), each rank calls this with its own device."""
+@dataclass
+class Run:
+    """What setup() prepares for the loop: the run's folder, data, model, optimizer and where it stands."""
+    out: Path
+    device: torch.device
+    model: Llama
+    optimizer: torch.optim.Optimizer
+    train_set: list[data.Example]
+    val_batches: list[data.Batch]       # this rank's share, already on the device
+    pad_id: int
+    validate: bool                      # there are validation examples (on some rank)
+    files: dict                         # saved with every checkpoint (Tokenizer.serving_files)
+    total_steps: int                    # what the lr schedule spans
+    stop_step: int
+    progress: dict                      # step, epoch, index (step within the epoch), best_val_loss, elapsed_s
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check the run folder, seed, read and tokenize the data, load the model, build the optimizer,
+    and restore the run's state on --resume; write train_config.json."""
     out = Path(cfg.out)
     rank, world = rank_and_world()
     if cfg.grad_accum % world:
@@ -525,22 +402,20 @@ def train(cfg: TrainConfig) -> Path:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bf16 = cfg.dtype == "bf16"
 
     # data
     base_dir = resolve_checkpoint(cfg.model)
     tokenizer = Tokenizer(base_dir)
-    train_set, val_set, data_counts = load_examples(cfg, tokenizer)
-    # Saved with every checkpoint: the tokenizer, our chat template and the reply budget.
-    files = tokenizer.serving_files(max_new_tokens=data_counts["max_new_tokens"])
+    train_set, val_set, data_counts = data.load_examples(
+        cfg.task, cfg.data, tokenizer, cfg.max_seq_len, cfg.max_examples, cfg.val_examples, cfg.val_data,
+        cfg.seed, cfg.skip_bad, cfg.rgen_columns)
     if not train_set:
         raise ValueError(f"{cfg.data}: no training examples for task {cfg.task}")
-    lengths = [len(ex.ids) for ex in train_set]
-    steps_per_epoch = len(optimizer_steps(cfg, lengths, epoch=0))
-    total_steps = math.ceil(cfg.epochs * steps_per_epoch)       # what the lr schedule spans
+    steps_per_epoch = len(epoch_steps(cfg, train_set, epoch=0))
+    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    val_order = sorted(range(len(val_set)), key=lambda i: len(val_set[i].ids))  # sorted: least padding
-    val_batches = [collate([val_set[i] for i in val_order[s:s + cfg.batch_size]], tokenizer.pad_id).to(device)
+    val_order = sorted(val_set, key=lambda ex: len(ex.ids))  # sorted: least padding
+    val_batches = [data.collate(val_order[s:s + cfg.batch_size], tokenizer.pad_id).to(device)
                    for s in range(0, len(val_order), cfg.batch_size)][rank::world]  # this rank's share
     if rank == 0:
         write_json(out / "train_config.json", {
@@ -560,7 +435,7 @@ def train(cfg: TrainConfig) -> Path:
         for block in model.layers:  # in place: parameter names, and so checkpoints, stay as they are
             block.compile()
     log(f"{model.num_params() / 1e6:.1f}M parameters in fp32"
-        + (" (bf16 autocast for the matmuls)" if bf16 else ""))
+        + (" (bf16 autocast for the matmuls)" if cfg.dtype == "bf16" else ""))
 
     # optimizer, and where the run stands
     optimizer = build_optimizer(model, cfg, device)
@@ -573,68 +448,88 @@ def train(cfg: TrainConfig) -> Path:
         log(f"resumed at step {progress['step']} (epoch {progress['epoch']}, step {progress['index']} of it)")
     if rank == 0:
         truncate_metrics(out / "metrics.jsonl", progress["step"])
+    # Saved with every checkpoint: the tokenizer, our chat template and the reply budget.
+    files = tokenizer.serving_files(max_new_tokens=data_counts["max_new_tokens"])
+    return Run(out, device, model, optimizer, train_set, val_batches, tokenizer.pad_id, bool(val_set), files,
+               total_steps, stop_step, progress)
 
-    def evaluate_and_keep_best() -> dict:
-        if not val_set:
-            return {}
-        val_loss = validation_loss(model, val_batches, bf16)  # the same on every rank
-        if val_loss < progress["best_val_loss"]:
-            progress["best_val_loss"] = val_loss
-            if rank == 0:
-                checkpoint.save_model(model, out / "best", files)
-        return {"val_loss": val_loss}
 
-    # the loop: one optimizer step per iteration, from wherever the run stands to stop_step
-    bar = tqdm(total=stop_step, initial=progress["step"], desc=f"train {cfg.task}", unit="step", disable=rank > 0)
+def epoch_steps(cfg: TrainConfig, train_set: list[data.Example], epoch: int) -> list[list[list[int]]]:
+    """The epoch's optimizer steps, each a list of micro-batches of example indices."""
+    return data.optimizer_steps([len(ex.ids) for ex in train_set], cfg.batch_size, cfg.grad_accum,
+                                cfg.length_chunk, cfg.seed, epoch)
+
+
+def evaluate_and_keep_best(run: Run, bf16: bool) -> dict:
+    """The validation loss (the same on every rank); a new best is saved as OUT/best."""
+    if not run.validate:
+        return {}
+    val_loss = validation_loss(run.model, run.val_batches, bf16)
+    if val_loss < run.progress["best_val_loss"]:
+        run.progress["best_val_loss"] = val_loss
+        if is_main():
+            checkpoint.save_model(run.model, run.out / "best", run.files)
+    return {"val_loss": val_loss}
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Fine-tune cfg.model on cfg.task; returns the folder of the best checkpoint (OUT/best).
+    Under torchrun (see runtime.distributed), each rank calls this with its own device."""
+    run = setup(cfg)
+    progress, (rank, world) = run.progress, rank_and_world()
+    bar = tqdm(total=run.stop_step, initial=progress["step"], desc=f"train {cfg.task}", unit="step", disable=rank > 0)
     start_time = time.perf_counter() - progress["elapsed_s"]
-    epoch, index = progress["epoch"], progress["index"]
-    steps = optimizer_steps(cfg, lengths, epoch)
-    with stop_requests() as stop, open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as metrics:
-        while progress["step"] < stop_step:
-            if index == len(steps):  # the epoch is done: the next one has its own batch order
-                epoch, index = epoch + 1, 0
-                steps = optimizer_steps(cfg, lengths, epoch)
+    steps = epoch_steps(cfg, run.train_set, progress["epoch"])
+    # the loop: one optimizer step per iteration, from wherever the run stands to stop_step
+    with stop_requests() as stop, open(run.out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as metrics:
+        while progress["step"] < run.stop_step:
+            if progress["index"] == len(steps):  # the epoch is done: the next one has its own batch order
+                progress.update(epoch=progress["epoch"] + 1, index=0)
+                steps = epoch_steps(cfg, run.train_set, progress["epoch"])
             t0 = time.perf_counter()
-            lr = lr_at(progress["step"], cfg, total_steps)
-            micro_batches = [collate([train_set[i] for i in ids], tokenizer.pad_id).to(device)
-                             for ids in steps[index][rank::world]]  # this rank's share of the step
-            loss, grad_norm = train_step(model, optimizer, micro_batches, lr, cfg)
+            lr = lr_at(progress["step"], cfg, run.total_steps)
+            micro_batches = [data.collate([run.train_set[i] for i in ids], run.pad_id).to(run.device)
+                             for ids in steps[progress["index"]][rank::world]]  # this rank's share of the step
+            loss, grad_norm = train_step(run.model, run.optimizer, micro_batches, lr, cfg)
             dt = time.perf_counter() - t0
-
-            index += 1
-            progress.update(step=progress["step"] + 1, epoch=epoch, index=index,
+            progress.update(step=progress["step"] + 1, index=progress["index"] + 1,
                             elapsed_s=time.perf_counter() - start_time)
             step = progress["step"]
             # Summed over the ranks, with the stop requests: any rank's Ctrl-C stops them all at this step.
             tokens, targets, stopping = all_sum([sum(b.n_tokens for b in micro_batches),
-                                                 count_targets(micro_batches), stop.is_set()], device)
-            row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                                 count_targets(micro_batches), stop.is_set()], run.device)
+            row = {"step": step, "epoch": progress["epoch"], "loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tokens / dt, "target_tokens_per_s": targets / dt}
-            if step % cfg.eval_every == 0 or step == stop_step:
-                row.update(evaluate_and_keep_best())
+            if step % cfg.eval_every == 0 or step == run.stop_step:
+                row.update(evaluate_and_keep_best(run, cfg.dtype == "bf16"))
             metrics.write(json.dumps({**row, "elapsed_s": progress["elapsed_s"]}) + "\n")
             metrics.flush()
-            bar.update()
             # tok/s counts every real (non-padding) token; tgt/s only the reply tokens that carry the loss
+            bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
                             tgt_s=f"{targets / dt:.0f}", refresh=False)
-            if step % cfg.save_every == 0 or step == stop_step or stopping:
+            if step % cfg.save_every == 0 or step == run.stop_step or stopping:
                 if rank == 0:
-                    save_last(out, model, optimizer, progress, files)
+                    save_last(run.out, run.model, run.optimizer, progress, run.files)
                 barrier()  # no rank exits (which would make torchrun stop rank 0) before the save is whole
             if stopping:
                 bar.close()
-                log(f"stopped at step {step}; {out / 'last'} is saved: continue with --resume")
+                log(f"stopped at step {step}; {run.out / 'last'} is saved: continue with --resume")
                 raise KeyboardInterrupt
     bar.close()
-    if rank == 0:
-        if not val_set:  # nothing to select on: the final model is the best we know
-            checkpoint.save_model(model, out / "best", files)
-        log(f"done at step {progress['step']}: best validation loss {progress['best_val_loss']:.4f}, "
-            f"{progress['elapsed_s'] / 60:.1f} min in all; best checkpoint: {out / 'best'}")
-        plot_losses(out)
+    finish(run)
+    return run.out / "best"
+
+
+def finish(run: Run):
+    """Without validation the final model is the best we know; the closing line and loss.png."""
+    if is_main():
+        if not run.validate:
+            checkpoint.save_model(run.model, run.out / "best", run.files)
+        log(f"done at step {run.progress['step']}: best validation loss {run.progress['best_val_loss']:.4f}, "
+            f"{run.progress['elapsed_s'] / 60:.1f} min in all; best checkpoint: {run.out / 'best'}")
+        plot_losses(run.out)
     barrier()
-    return out / "best"
 
 
 def main(argv=None):

@@ -146,12 +146,12 @@ def test_stage2_survives_sigkill_and_a_torn_line(model_dir, tmp_path):
 def test_stage2_refuses_to_resume_from_another_split_or_source(model_dir, tmp_path):
     """Ids 0..1999 exist in the train split and in the validation split: the sidecar records the
     source and the split, and a resume from another is one clear error."""
-    import data
+    import readers
     from augment import augment
     src = emotion_file(tmp_path, 3)
     out, cfg = tmp_path / "aug.jsonl", SamplingConfig(max_new_tokens=4)
     augment(model_dir, src, "train", out, cfg, limit=2)
-    meta = json.loads(data.settings_path(out).read_text())
+    meta = json.loads(readers.settings_path(out).read_text())
     assert meta["data"] == str(src.resolve()) and meta["split"] == "train"
     with pytest.raises(ValueError, match=r"aug\.jsonl: was generated with split='train' \(now 'validation'\)"):
         augment(model_dir, src, "validation", out, cfg)
@@ -165,9 +165,9 @@ def test_stage2_refuses_to_resume_from_another_split_or_source(model_dir, tmp_pa
 
 def test_augment_shards_sample_what_a_whole_run_samples(model_dir, tmp_path):
     """Random streams are keyed by row id: shards, other batch sizes and resumes all agree."""
-    import data
+    import readers
     from augment import augment
-    rows = data.read_emotion(emotion_file(tmp_path, 10), "train")
+    rows = readers.read_emotion(emotion_file(tmp_path, 10), "train")
     cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)
     summary = augment(model_dir, None, "train", tmp_path / "whole.jsonl", cfg, batch_size=4, rows=rows)
     whole, _ = read_rows(tmp_path / "whole.jsonl")
@@ -175,5 +175,5 @@ def test_augment_shards_sample_what_a_whole_run_samples(model_dir, tmp_path):
     for shard in (rows[:3], rows[3:]):
         augment(model_dir, None, "train", tmp_path / "shards.jsonl", cfg, batch_size=3, rows=shard)
     assert read_rows(tmp_path / "shards.jsonl") == read_rows(tmp_path / "whole.jsonl")
-    augmented = data.read_augmented(tmp_path / "whole.jsonl", skip_bad=True)  # empty replies are bad rows there
+    augmented = readers.read_augmented(tmp_path / "whole.jsonl", skip_bad=True)  # empty replies are bad rows there
     assert len(augmented) + augmented.skipped == 10 and augmented.skipped == summary["empty"]

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import data
+import readers
 from data import LABELS
 from demo import write_reasoning_gen_demo
 from files import write_json
@@ -355,59 +356,59 @@ def expected(rows=EMOTION, ids=None):
 @pytest.mark.parametrize("layout", ["split", "data", "config_folder"])
 def test_read_emotion_parquet_layouts(tmp_path, layout):
     sub = {"split": "split", "data": "data", "config_folder": "unsplit"}[layout]
-    for split in data.EMOTION_SPLITS:
+    for split in readers.EMOTION_SPLITS:
         write_parquet(tmp_path / sub / f"{split}-00000-of-00001.parquet", emotion_columns(EMOTION[:3] if split == "test" else EMOTION))
     source = tmp_path / "unsplit" if layout == "config_folder" else tmp_path
-    assert data.read_emotion(source, "train") == expected()
-    assert data.read_emotion(source, "test") == expected(EMOTION[:3])
+    assert readers.read_emotion(source, "train") == expected()
+    assert readers.read_emotion(source, "test") == expected(EMOTION[:3])
 
 
 def test_read_emotion_prefers_the_split_config(tmp_path):
     write_parquet(tmp_path / "split" / "train-00000-of-00001.parquet", emotion_columns(EMOTION[:2]))
     write_parquet(tmp_path / "unsplit" / "train-00000-of-00001.parquet", emotion_columns())
-    assert data.read_emotion(tmp_path, "train") == expected(EMOTION[:2])
+    assert readers.read_emotion(tmp_path, "train") == expected(EMOTION[:2])
 
 
 def test_read_emotion_shards_continue_ids(tmp_path):
     write_parquet(tmp_path / "data" / "train-00000-of-00002.parquet", emotion_columns(EMOTION[:2]))
     write_parquet(tmp_path / "data" / "train-00001-of-00002.parquet", emotion_columns(EMOTION[2:]))
-    assert data.read_emotion(tmp_path, "train") == expected()
+    assert readers.read_emotion(tmp_path, "train") == expected()
 
 
 def test_read_emotion_jsonl_gz_layout(tmp_path):
     (tmp_path / "data").mkdir()
     with gzip.open(tmp_path / "data" / "validation.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in EMOTION)
-    assert data.read_emotion(tmp_path, "validation") == expected()
+    assert readers.read_emotion(tmp_path, "validation") == expected()
 
 
 def test_read_emotion_plain_files(tmp_path):
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": t, "label": LABELS[lab].upper()}) + "\n\n"
                                                  for t, lab in EMOTION))
-    assert data.read_emotion(tmp_path / "test.jsonl", "test") == expected()   # a file is the split
-    assert data.read_emotion(tmp_path, "test") == expected()                  # found as {split}.jsonl
+    assert readers.read_emotion(tmp_path / "test.jsonl", "test") == expected()   # a file is the split
+    assert readers.read_emotion(tmp_path, "test") == expected()                  # found as {split}.jsonl
     (tmp_path / "train.csv").write_text("id,text,label\n" + "".join(f"x{i},\"{t}, really\",{lab}\n"
                                                                     for i, (t, lab) in enumerate(EMOTION)))
-    rows = data.read_emotion(tmp_path, "train")
+    rows = readers.read_emotion(tmp_path, "train")
     assert [r["id"] for r in rows] == ["x0", "x1", "x2", "x3"]
     assert rows[0]["text"] == "i feel so alone, really" and [r["label"] for r in rows] == LABELS[:4]
     (tmp_path / "names.csv").write_text("text,label\n" + "".join(f"{t},{LABELS[lab]}\n" for t, lab in EMOTION))
-    assert data.read_emotion(tmp_path / "names.csv", "train") == expected()
+    assert readers.read_emotion(tmp_path / "names.csv", "train") == expected()
 
 
 def test_read_emotion_id_column_in_parquet(tmp_path):
     path = write_parquet(tmp_path / "train.parquet", {**emotion_columns(), "id": ["a", "b", "c", "d"]})
-    assert data.read_emotion(path, "train") == expected(ids=["a", "b", "c", "d"])
+    assert readers.read_emotion(path, "train") == expected(ids=["a", "b", "c", "d"])
 
 
 def test_read_emotion_missing_split_and_source(tmp_path):
     write_parquet(tmp_path / "split" / "train-00000-of-00001.parquet", emotion_columns())
     with pytest.raises(FileNotFoundError, match="no 'test' split here"):
-        data.read_emotion(tmp_path, "test")
+        readers.read_emotion(tmp_path, "test")
     with pytest.raises(ValueError, match="split 'dev'"):
-        data.read_emotion(tmp_path, "dev")
+        readers.read_emotion(tmp_path, "dev")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
-        data.read_emotion(tmp_path / "nope.jsonl", "train")
+        readers.read_emotion(tmp_path / "nope.jsonl", "train")
 
 
 BAD_JSONL = [
@@ -430,10 +431,10 @@ def test_read_emotion_bad_rows(tmp_path, capsys):
             continue
         path.write_text("\n".join([lines[0]] + [""] * (n - 1) + [lines[n]]) + "\n")  # blank lines count
         with pytest.raises(ValueError) as err:
-            data.read_emotion(path, "train")
+            readers.read_emotion(path, "train")
         assert str(err.value).startswith(f"{path}: {BAD_JSONL[n][1]}") and "\n" not in str(err.value)
     path.write_text("\n".join(lines) + "\n")
-    rows = data.read_emotion(path, "train", skip_bad=True)
+    rows = readers.read_emotion(path, "train", skip_bad=True)
     assert rows == [{"id": 0, "text": "fine", "label": "sadness"}, {"id": 7, "text": "fine too", "label": "joy"}]
     assert rows.skipped == 6
     assert f"{path}: skipped 6 bad row(s) of 8; the first: line 2: missing field 'text'" in capsys.readouterr().err
@@ -443,23 +444,23 @@ def test_read_emotion_bad_rows_csv_and_parquet(tmp_path):
     csv_path = tmp_path / "train.csv"
     csv_path.write_text("text,label\nok,0\n,1\nfine,surprised\n")
     with pytest.raises(ValueError, match=f"{csv_path}: row 2: empty text"):
-        data.read_emotion(csv_path, "train")
-    assert data.read_emotion(csv_path, "train", skip_bad=True).skipped == 2
+        readers.read_emotion(csv_path, "train")
+    assert readers.read_emotion(csv_path, "train", skip_bad=True).skipped == 2
     pq_path = write_parquet(tmp_path / "test.parquet", {"text": ["a", "b", None], "label": [0, 7, 1]})
     with pytest.raises(ValueError, match=f"{pq_path}: row 2: unknown label 7"):
-        data.read_emotion(pq_path, "test")
-    rows = data.read_emotion(pq_path, "test", skip_bad=True)
+        readers.read_emotion(pq_path, "test")
+    rows = readers.read_emotion(pq_path, "test", skip_bad=True)
     assert list(rows) == [{"id": 0, "text": "a", "label": "sadness"}] and rows.skipped == 2
 
 
 def test_read_emotion_wrong_columns(tmp_path):
     pq_path = write_parquet(tmp_path / "train.parquet", {"sentence": ["a"], "emotion": [0]})
     with pytest.raises(ValueError, match=f"{pq_path}: expected columns text and label, found: sentence, emotion"):
-        data.read_emotion(pq_path, "train", skip_bad=True)  # a file-level error: never skipped
+        readers.read_emotion(pq_path, "train", skip_bad=True)  # a file-level error: never skipped
     csv_path = tmp_path / "train.csv"
     csv_path.write_text("sentence,label\na,0\n")
     with pytest.raises(ValueError, match=f"{csv_path}: expected columns text and label, found: sentence, label"):
-        data.read_emotion(csv_path, "train")
+        readers.read_emotion(csv_path, "train")
 
 
 def test_missing_pyarrow_gives_the_install_hint(tmp_path, monkeypatch):
@@ -467,10 +468,10 @@ def test_missing_pyarrow_gives_the_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)   # makes `import pyarrow...` raise ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ModuleNotFoundError, match="pip install pyarrow") as err:
-        data.read_emotion(path, "train")
+        readers.read_emotion(path, "train")
     assert str(path) in str(err.value)
     with pytest.raises(ModuleNotFoundError, match="pip install pyarrow"):
-        list(data.iter_reasoning_gen(path))
+        list(readers.iter_reasoning_gen(path))
 
 
 def test_hub_ids_are_downloaded(tmp_path, monkeypatch):
@@ -482,17 +483,17 @@ def test_hub_ids_are_downloaded(tmp_path, monkeypatch):
         calls.append((repo_id, repo_type))
         return str(tmp_path)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    assert data.read_emotion("dair-ai/emotion", "test") == expected()
+    assert readers.read_emotion("dair-ai/emotion", "test") == expected()
     assert calls == [("dair-ai/emotion", "dataset")]
 
     def offline(*args, **kw):
         raise OSError("We couldn't connect to the hub.\nmore details")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(RuntimeError, match=r"dair-ai/emotion: not a local path.*offline\? OSError: We couldn't connect") as err:
-        data.read_emotion("dair-ai/emotion", "test")
+        readers.read_emotion("dair-ai/emotion", "test")
     assert "\n" not in str(err.value)
     with pytest.raises(RuntimeError, match="syvai/reasoning-gen: not a local path"):
-        data.iter_reasoning_gen("syvai/reasoning-gen")
+        readers.iter_reasoning_gen("syvai/reasoning-gen")
 
 
 # ----------------------------------------------------------------------------- reasoning-gen
@@ -506,10 +507,10 @@ def rgen_columns(start, n, names=("question", "answer", "reasoning")):
 def test_iter_reasoning_gen_streams_shards(tmp_path):
     write_parquet(tmp_path / "data" / "train-00000-of-00002.parquet", rgen_columns(0, 2500))  # 3 batches
     write_parquet(tmp_path / "data" / "train-00001-of-00002.parquet", rgen_columns(2500, 10))
-    rows = list(data.iter_reasoning_gen(tmp_path))
+    rows = list(readers.iter_reasoning_gen(tmp_path))
     assert len(rows) == 2510 and [r["id"] for r in rows] == list(range(2510))
     assert rows[2505] == {"id": 2505, "question": "question 2505", "answer": "answer 2505", "reasoning": "reasoning 2505"}
-    assert [r["id"] for r in data.iter_reasoning_gen(tmp_path, max_examples=3)] == [0, 836, 1673]
+    assert [r["id"] for r in readers.iter_reasoning_gen(tmp_path, max_examples=3)] == [0, 836, 1673]
 
 
 def test_iter_reasoning_gen_subset_spreads_over_every_shard(tmp_path):
@@ -519,17 +520,17 @@ def test_iter_reasoning_gen_subset_spreads_over_every_shard(tmp_path):
     code_rows["answer"][1] = None                                  # row 7: bad, but not picked
     write_parquet(tmp_path / "data" / "train-00000-of-00002.parquet", math_rows)
     write_parquet(tmp_path / "data" / "train-00001-of-00002.parquet", code_rows)
-    assert [r["id"] for r in data.iter_reasoning_gen(tmp_path, max_examples=4)] == [0, 3, 6, 9]
-    assert len(list(data.iter_reasoning_gen(tmp_path, max_examples=20, skip_bad=True))) == 11  # all but row 7
+    assert [r["id"] for r in readers.iter_reasoning_gen(tmp_path, max_examples=4)] == [0, 3, 6, 9]
+    assert len(list(readers.iter_reasoning_gen(tmp_path, max_examples=20, skip_bad=True))) == 11  # all but row 7
     (tmp_path / "data" / "train-00001-of-00002.parquet").write_bytes(b"not parquet")
     with pytest.raises(ValueError, match="train-00001-of-00002.parquet: not a readable parquet file"):
-        list(data.iter_reasoning_gen(tmp_path, max_examples=4))
+        list(readers.iter_reasoning_gen(tmp_path, max_examples=4))
 
 
 def test_iter_reasoning_gen_column_aliases(tmp_path):
     path = write_parquet(tmp_path / "shard.parquet", {**rgen_columns(0, 2, ("Prompt", "response", "rationale")),
                                                       "id": ["q-a", "q-b"], "source": ["x", "y"]})
-    assert list(data.iter_reasoning_gen(path)) == [
+    assert list(readers.iter_reasoning_gen(path)) == [
         {"id": "q-a", "question": "question 0", "answer": "answer 0", "reasoning": "reasoning 0"},
         {"id": "q-b", "question": "question 1", "answer": "answer 1", "reasoning": "reasoning 1"}]
 
@@ -539,35 +540,35 @@ def test_iter_reasoning_gen_columns_named_by_the_user(tmp_path):
     path = write_parquet(tmp_path / "shard.parquet", {"q_text": ["q0"], "gold": ["a0"], "why": ["r0"]})
     with pytest.raises(ValueError, match=r"no column for question, answer, reasoning \(found: q_text, gold, why;"
                                          r".*--rgen-columns question=COL,answer=COL,reasoning=COL\)"):
-        list(data.iter_reasoning_gen(path))
-    columns = data.parse_rgen_columns("question=q_text, answer=gold,reasoning=why")
+        list(readers.iter_reasoning_gen(path))
+    columns = readers.parse_rgen_columns("question=q_text, answer=gold,reasoning=why")
     assert columns == {"question": "q_text", "answer": "gold", "reasoning": "why"}
-    assert list(data.iter_reasoning_gen(path, columns=columns)) == [
+    assert list(readers.iter_reasoning_gen(path, columns=columns)) == [
         {"id": 0, "question": "q0", "answer": "a0", "reasoning": "r0"}]
     with pytest.raises(ValueError, match=r"shard.parquet: no column 'reason' for reasoning \(found: q_text, gold, why\)"):
-        list(data.iter_reasoning_gen(path, columns={**columns, "reasoning": "reason"}))
+        list(readers.iter_reasoning_gen(path, columns={**columns, "reasoning": "reason"}))
     for bad in ("question", "label=gold", "answer="):
         with pytest.raises(ValueError, match=f"--rgen-columns: '{bad}' is not ROLE=COLUMN"):
-            data.parse_rgen_columns(bad)
-    assert data.parse_rgen_columns("") == {}
+            readers.parse_rgen_columns(bad)
+    assert readers.parse_rgen_columns("") == {}
 
 
 def test_iter_reasoning_gen_wrong_columns_and_bad_rows(tmp_path, capsys):
     path = write_parquet(tmp_path / "a" / "train-00000-of-00001.parquet", {"question": ["q"], "label": ["a"]})
     with pytest.raises(ValueError, match=f"{path}: no column for answer, reasoning \\(found: question, label;"):
-        list(data.iter_reasoning_gen(tmp_path / "a"))
+        list(readers.iter_reasoning_gen(tmp_path / "a"))
     columns = rgen_columns(0, 4)
     columns["answer"][1] = None
     columns["reasoning"][2] = "  "
     path = write_parquet(tmp_path / "b" / "train-00000-of-00001.parquet", columns)
     with pytest.raises(ValueError, match=f"{path}: row 2: missing answer \\(column 'answer'\\)"):
-        list(data.iter_reasoning_gen(path))
-    stream = data.iter_reasoning_gen(tmp_path / "b", skip_bad=True)
+        list(readers.iter_reasoning_gen(path))
+    stream = readers.iter_reasoning_gen(tmp_path / "b", skip_bad=True)
     assert [r["id"] for r in stream] == [0, 3] and stream.skipped == 2
     assert "skipped 2 bad row(s) of 4; the first: row 2: missing answer" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .parquet or .jsonl files"):
-        data.iter_reasoning_gen(tmp_path / "empty")
+        readers.iter_reasoning_gen(tmp_path / "empty")
 
 
 def test_write_reasoning_gen_demo_round_trip(tmp_path, monkeypatch):
@@ -575,11 +576,11 @@ def test_write_reasoning_gen_demo_round_trip(tmp_path, monkeypatch):
     rows = [{"question": f"q{i}", "answer": f"a{i}", "reasoning": f"r{i}"} for i in range(5)]
     folder = write_reasoning_gen_demo(tmp_path / "pq", rows, shards=2)
     assert sorted(p.name for p in (folder / "data").iterdir()) == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
-    assert [{k: r[k] for k in ("question", "answer", "reasoning")} for r in data.iter_reasoning_gen(folder)] == rows
+    assert [{k: r[k] for k in ("question", "answer", "reasoning")} for r in readers.iter_reasoning_gen(folder)] == rows
     monkeypatch.setitem(sys.modules, "pyarrow", None)      # without pyarrow the demo runs on jsonl
     folder = write_reasoning_gen_demo(tmp_path / "jsonl", rows)
     assert [p.name for p in (folder / "data").iterdir()] == ["train.jsonl"]
-    assert [r["reasoning"] for r in data.iter_reasoning_gen(folder, max_examples=2)] == ["r0", "r2"]
+    assert [r["reasoning"] for r in readers.iter_reasoning_gen(folder, max_examples=2)] == ["r0", "r2"]
 
 
 # ----------------------------------------------------------------------------- augmented
@@ -590,11 +591,11 @@ def test_read_augmented(tmp_path):
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": 4, "reasoning": ""}) + "\n"
                     + json.dumps({"id": 5, "text": "x", "label": "joy"}) + "\n")
     with pytest.raises(ValueError, match=f"{path}: line 2: empty reasoning"):
-        data.read_augmented(path)
-    rows = data.read_augmented(path, skip_bad=True)
+        readers.read_augmented(path)
+    rows = readers.read_augmented(path, skip_bad=True)
     assert list(rows) == [{**good, "label": "fear"}] and rows.skipped == 2
     with pytest.raises(FileNotFoundError, match="no such file"):
-        data.read_augmented(tmp_path / "missing.jsonl")
+        readers.read_augmented(tmp_path / "missing.jsonl")
     assert rows.settings == {}
-    write_json(data.settings_path(path), {"max_new_tokens": 64, "split": "train"})
-    assert data.read_augmented(path, skip_bad=True).settings == {"max_new_tokens": 64, "split": "train"}
+    write_json(readers.settings_path(path), {"max_new_tokens": 64, "split": "train"})
+    assert readers.read_augmented(path, skip_bad=True).settings == {"max_new_tokens": 64, "split": "train"}

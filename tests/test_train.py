@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import data
+import readers
 from files import write_json
 import train
 import checkpoint
@@ -93,9 +94,14 @@ def run_config(assets, out, **kw) -> TrainConfig:
     return TrainConfig(**{**settings, **kw})
 
 
-def examples_of(task: str, tokenizer, rows, max_seq_len=512) -> list[train.Example]:
-    cfg = TrainConfig(task=task, data="", out="", max_seq_len=max_seq_len)
-    return train.encode(cfg, tokenizer, rows, "test")[0]
+def examples_of(task: str, tokenizer, rows, max_seq_len=512) -> list[data.Example]:
+    return data.encode(task, tokenizer, rows, max_seq_len, "test")[0]
+
+
+def load_examples(cfg: TrainConfig, tokenizer):
+    """data.load_examples with a training run's settings, as train.setup calls it."""
+    return data.load_examples(cfg.task, cfg.data, tokenizer, cfg.max_seq_len, cfg.max_examples, cfg.val_examples,
+                              cfg.val_data, cfg.seed, cfg.skip_bad, cfg.rgen_columns)
 
 
 def metrics(out) -> list[dict]:
@@ -122,7 +128,7 @@ def test_loss_positions_predict_exactly_the_reply(assets, task, chat_format):
     decoded, are exactly the assistant's reply and its end-of-turn token, for every row."""
     tokenizer = Tokenizer(assets.model[chat_format])
     rows = assets.rgen_rows[:4] if task == "rgen" else assets.rows[:4]
-    batch = train.collate(examples_of(task, tokenizer, rows), tokenizer.pad_id)
+    batch = data.collate(examples_of(task, tokenizer, rows), tokenizer.pad_id)
     T = batch.input_ids.shape[1]
     b, t = batch.loss_pos // T, batch.loss_pos % T
     assert torch.equal(batch.input_ids[b, t + 1], batch.targets)  # position t predicts token t + 1
@@ -140,7 +146,7 @@ def test_truncation_keeps_the_label_and_is_counted(assets, tmp_path):
     lengths = sorted(len(tokenizer.render(data.example_messages("q2ra", r))[0]) for r in assets.rows[:48])
     limit = lengths[24]  # half the examples are longer
     cfg = TrainConfig(task="q2ra", data=str(assets.augmented), out="", val_examples=4, max_seq_len=limit)
-    train_set, val_set, counts = train.load_examples(cfg, tokenizer)
+    train_set, val_set, counts = load_examples(cfg, tokenizer)
     longer = sum(n > limit for n in lengths)
     assert {k: counts[k] for k in ("cut_examples", "shortened_examples", "dropped_examples", "skipped_bad_rows")} \
         == {"cut_examples": 0, "shortened_examples": longer, "dropped_examples": 0, "skipped_bad_rows": 0}
@@ -152,15 +158,15 @@ def test_truncation_keeps_the_label_and_is_counted(assets, tmp_path):
     # no room for the answer line: dropped (the log says so)
     prompt = max(len(tokenizer.render(data.prompt_messages("q2ra", r), add_generation_prompt=True)[0])
                  for r in assets.rows[:48])
-    train_set, val_set, counts = train.load_examples(replace(cfg, max_seq_len=prompt), tokenizer)
+    train_set, val_set, counts = load_examples(replace(cfg, max_seq_len=prompt), tokenizer)
     assert counts["dropped_examples"] > 0 and counts["shortened_examples"] + counts["dropped_examples"] == 48
     assert len(train_set) + len(val_set) == counts["shortened_examples"]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(assets.augmented.read_text() + json.dumps({"text": "x", "label": "boredom", "reasoning": "r"}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl: line 49"):
-        train.load_examples(replace(cfg, data=str(bad)), tokenizer)
-    *_, counts = train.load_examples(replace(cfg, data=str(bad), skip_bad=True), tokenizer)
+        load_examples(replace(cfg, data=str(bad)), tokenizer)
+    *_, counts = load_examples(replace(cfg, data=str(bad), skip_bad=True), tokenizer)
     assert counts["skipped_bad_rows"] == 1
 
 
@@ -169,14 +175,14 @@ def test_validation_rows(assets):
     rows spread over the whole reasoning-gen set."""
     tokenizer = Tokenizer(assets.model["llama3"])
     cfg = TrainConfig(task="q2a", data=str(assets.emotion), out="", val_examples=5, max_examples=20)
-    train_set, val_set, _ = train.load_examples(cfg, tokenizer)
+    train_set, val_set, _ = load_examples(cfg, tokenizer)
     assert len(train_set) == 20 and [ex.ids.tolist() for ex in val_set] == \
         [ex.ids.tolist() for ex in examples_of("q2a", tokenizer, assets.rows[48:53])]
 
     cfg = replace(cfg, task="q2ra", data=str(assets.augmented), max_examples=0)
-    train_set, val_set, _ = train.load_examples(cfg, tokenizer)
-    again = train.load_examples(cfg, tokenizer)[1]
-    other_seed = train.load_examples(replace(cfg, seed=1), tokenizer)[1]
+    train_set, val_set, _ = load_examples(cfg, tokenizer)
+    again = load_examples(cfg, tokenizer)[1]
+    other_seed = load_examples(replace(cfg, seed=1), tokenizer)[1]
     all_ids = {tuple(ex.ids.tolist()) for ex in examples_of("q2ra", tokenizer, assets.rows[:48])}
     held_out = {tuple(ex.ids.tolist()) for ex in val_set}
     assert len(train_set) == 43 and len(held_out) == 5 and held_out <= all_ids
@@ -187,18 +193,18 @@ def test_validation_rows(assets):
     # --val-data: validation from a separate stage-2 file, every training row trained on
     val_file = assets.augmented.with_name("validation.jsonl")
     val_file.write_text("".join(assets.augmented.read_text().splitlines(keepends=True)[40:]))
-    train_set, val_set, _ = train.load_examples(replace(cfg, val_data=str(val_file), val_examples=3), tokenizer)
+    train_set, val_set, _ = load_examples(replace(cfg, val_data=str(val_file), val_examples=3), tokenizer)
     assert len(train_set) == 48 and [ex.ids.tolist() for ex in val_set] == \
         [ex.ids.tolist() for ex in examples_of("q2ra", tokenizer, assets.rows[40:43])]
 
     # reasoning-gen: 8 + 1 rows spread over the set, and every k-th of them held out
     cfg = replace(cfg, task="rgen", data=str(assets.rgen), max_examples=8, val_examples=1)
-    train_set, val_set, _ = train.load_examples(cfg, tokenizer)
+    train_set, val_set, _ = load_examples(cfg, tokenizer)
     n = len(assets.rgen_rows)
     expected = examples_of("rgen", tokenizer, [assets.rgen_rows[i * n // 9] for i in range(9)])
     assert n > 9 and len(val_set) == 1
     assert [ex.ids.tolist() for ex in val_set + train_set] == [ex.ids.tolist() for ex in expected]
-    train_set, val_set, _ = train.load_examples(replace(cfg, max_examples=0, val_examples=5), tokenizer)
+    train_set, val_set, _ = load_examples(replace(cfg, max_examples=0, val_examples=5), tokenizer)
     assert (len(val_set), len(train_set)) == (2, 10)  # a short stream: a tenth (rounded up) is held out
     every = examples_of("rgen", tokenizer, assets.rgen_rows)
     assert [ex.ids.tolist() for ex in val_set] == [every[0].ids.tolist(), every[6].ids.tolist()]
@@ -206,15 +212,15 @@ def test_validation_rows(assets):
 
 def test_batch_order_is_seeded_complete_and_length_grouped():
     lengths = [random.Random(i).randint(5, 500) for i in range(400)]
-    order = train.batch_order(lengths, batch_size=8, chunk=10, seed=3, epoch=0)
+    order = data.batch_order(lengths, batch_size=8, chunk=10, seed=3, epoch=0)
     assert sorted(i for batch in order for i in batch) == list(range(400))
-    assert order == train.batch_order(lengths, batch_size=8, chunk=10, seed=3, epoch=0)
-    assert order != train.batch_order(lengths, batch_size=8, chunk=10, seed=3, epoch=1)
-    assert order != train.batch_order(lengths, batch_size=8, chunk=10, seed=4, epoch=0)
+    assert order == data.batch_order(lengths, batch_size=8, chunk=10, seed=3, epoch=0)
+    assert order != data.batch_order(lengths, batch_size=8, chunk=10, seed=3, epoch=1)
+    assert order != data.batch_order(lengths, batch_size=8, chunk=10, seed=4, epoch=0)
 
     def padding(batches):
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-    assert padding(order) < 0.2 * padding(train.batch_order(lengths, batch_size=8, chunk=1, seed=3, epoch=0))
+    assert padding(order) < 0.2 * padding(data.batch_order(lengths, batch_size=8, chunk=1, seed=3, epoch=0))
 
 
 # ----------------------------------------------------------------------------- loss and gradients
@@ -226,8 +232,8 @@ def test_gradient_accumulation_equals_one_big_batch(assets):
     tokenizer = Tokenizer(assets.model["llama3"])
     examples = examples_of("q2ra", tokenizer, assets.rows[:8])
     assert len({len(ex.ids) for ex in examples}) >= 4
-    big = [train.collate(examples, tokenizer.pad_id)]
-    micro = [train.collate(examples[i:i + 2], tokenizer.pad_id) for i in range(0, 8, 2)]
+    big = [data.collate(examples, tokenizer.pad_id)]
+    micro = [data.collate(examples[i:i + 2], tokenizer.pad_id) for i in range(0, 8, 2)]
     assert len({len(b.targets) for b in micro}) > 1
     loss_big, grads_big = grads(model, big)
     loss_micro, grads_micro = grads(model, micro)
@@ -248,7 +254,7 @@ def test_loss_matches_transformers(assets, chat_format):
     from transformers import LlamaForCausalLM
     folder = assets.model[chat_format]
     tokenizer = Tokenizer(folder)
-    batch = train.collate(examples_of("q2ra", tokenizer, assets.rows[:6]), tokenizer.pad_id)
+    batch = data.collate(examples_of("q2ra", tokenizer, assets.rows[:6]), tokenizer.pad_id)
     with torch.no_grad():
         ours = train.loss_sum(checkpoint.load_model(folder), batch, bf16=False) / len(batch.targets)
         T = batch.input_ids.shape[1]
@@ -264,7 +270,7 @@ def test_loss_matches_transformers(assets, chat_format):
 def test_gradient_checkpointing_gives_the_same_gradients(assets):
     model = checkpoint.load_model(assets.model["chatml"]).train()
     tokenizer = Tokenizer(assets.model["chatml"])
-    micro = [train.collate(examples_of("q2ra", tokenizer, assets.rows[i:i + 3]), tokenizer.pad_id) for i in (0, 3)]
+    micro = [data.collate(examples_of("q2ra", tokenizer, assets.rows[i:i + 3]), tokenizer.pad_id) for i in (0, 3)]
     loss_plain, grads_plain = grads(model, micro)
     model.gradient_checkpointing = True
     loss_ckpt, grads_ckpt = grads(model, micro)
@@ -284,7 +290,7 @@ def test_tiny_model_overfits_tiny_dataset(assets, tmp_path, grad_checkpointing):
     # best/ holds the model with the lowest validation loss
     tokenizer = Tokenizer(best)
     val_set = examples_of("q2a", tokenizer, assets.rows[48:60])
-    batches = [train.collate(val_set[i:i + 4], tokenizer.pad_id) for i in range(0, len(val_set), 4)]
+    batches = [data.collate(val_set[i:i + 4], tokenizer.pad_id) for i in range(0, len(val_set), 4)]
     assert train.validation_loss(checkpoint.load_model(best), batches, bf16=False) == pytest.approx(min(val), rel=1e-5)
 
 
@@ -500,7 +506,7 @@ def test_q2a_and_q2ra_train_on_the_same_rows(assets, tmp_path):
     prompts = {}
     for task, source in (("q2a", assets.emotion), ("q2ra", augmented)):
         cfg = TrainConfig(task=task, data=str(source), out="", val_examples=0, max_examples=10)
-        train_set = train.load_examples(cfg, tokenizer)[0]
+        train_set = load_examples(cfg, tokenizer)[0]
         prompts[task] = sorted(tuple(ex.ids[~ex.is_target].tolist()) for ex in train_set)  # the user turns
     first_ids = sorted(tuple(ex.ids[~ex.is_target].tolist()) for ex in examples_of("q2a", tokenizer, assets.rows[:10]))
     assert prompts["q2a"] == prompts["q2ra"] == first_ids
@@ -516,7 +522,7 @@ def test_the_longest_q2ra_target_parses_within_the_default_budget(assets, tmp_pa
     rows = [dict(row) for row in assets.rows[:8]]
     rows[3]["reasoning"] = tokenizer.decode(tokenizer.encode(long_text * 4)[:cap])  # as stage 2 writes a capped one
     augmented = write_jsonl(tmp_path / "train.jsonl", rows, ("id", "text", "label", "reasoning"))
-    write_json(data.settings_path(augmented), {"task": "rgen", "max_new_tokens": cap})
+    write_json(readers.settings_path(augmented), {"task": "rgen", "max_new_tokens": cap})
     out = tmp_path / "run"
     train.train(run_config(assets, out, task="q2ra", data=str(augmented), val_examples=0, max_steps=1,
                            batch_size=8, grad_accum=1))
@@ -578,8 +584,8 @@ def test_rgen_columns_flag_names_the_columns(assets, tmp_path):
     source = write_jsonl(tmp_path / "train.jsonl", rows, ("q", "a", "why"))
     cfg = TrainConfig(task="rgen", data=str(source), out="", val_examples=0)
     with pytest.raises(ValueError, match="--rgen-columns question=COL,answer=COL,reasoning=COL"):
-        train.load_examples(cfg, tokenizer)
+        load_examples(cfg, tokenizer)
     cli = train.parse_args(["--task", "rgen", "--data", str(source), "--out", "x",
                             "--rgen-columns", "question=q,answer=a,reasoning=why"])
-    train_set = train.load_examples(replace(cli, val_examples=0), tokenizer)[0]
+    train_set = load_examples(replace(cli, val_examples=0), tokenizer)[0]
     assert [ex.ids.tolist() for ex in train_set] == [ex.ids.tolist() for ex in examples_of("rgen", tokenizer, assets.rgen_rows)]
