@@ -181,25 +181,12 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     source = data if rows is None else "rows"
-    local_source = Path(str(source)).expanduser()
-    rows = readers.read_emotion(data, split) if rows is None else rows
-    rows = rows[:limit] if limit else rows
-    seen = set()
-    for row in rows:
-        if row["id"] in seen:
-            raise ValueError(f"{source}: id {row['id']!r} appears more than once")
-        seen.add(row["id"])
-
+    rows = unique_rows((readers.read_emotion(data, split) if rows is None else rows)[:limit or None], source)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rank, world = rank_and_world()
     device, dtype = resolve_device_dtype(device, dtype)
-    local = Path(model_dir).expanduser()
-    # The source and split too: ids 0..1999 exist in the train split and in the validation split.
-    meta = {"model": str(local.resolve()) if local.is_dir() else str(model_dir), "task": "rgen",
-            "data": str(local_source.resolve()) if local_source.exists() else str(source), "split": split,
-            "prompt_version": data_lib.PROMPT_VERSION, **asdict(cfg)}
-    check_meta(out_path, meta, force)  # on every rank, so that all stop alike on a refusal
+    check_meta(out_path, run_settings(model_dir, source, split, cfg), force)  # every rank: all stop alike
     barrier()                  # all checked the files as they were
     if rank == 0:
         merge_parts(out_path)  # the rows an interrupted run left in part files, whatever its rank count
@@ -209,41 +196,69 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
     # Every rank sorts the same rows, and dealing them out in turn gives each rank the same mix
     # of lengths.
     todo = sorted((row for row in rows if row["id"] not in done), key=lambda row: len(row["text"]))
-    mine, part = todo[rank::world], part_path(out_path, rank, world)
-
-    summary = {"out": str(out_path), "rows": 0, "skipped": len(rows) - len(todo), "tokens": 0,
-               "hit_limit": 0, "empty": 0}
     start = time.time()
-    if mine:  # a finished file needs no model
-        folder = checkpoint.resolve_checkpoint(model_dir)  # a hub id is downloaded once
-        model = checkpoint.load_model(folder, dtype, device).eval()
-        tokenizer = Tokenizer(folder)
-        decoder = compiled_decoder(device) if compile else EAGER
-    bar = tqdm(total=len(mine), unit="row", desc="augment" if world == 1 else f"augment (rank 0 of {world})",
-               disable=rank > 0)  # under torchrun, rank 0's share stands for the progress of all
-    with JsonlAppender(part, sync_every=batch_size) as out:
-        for row in augment_rows(model, tokenizer, mine, cfg, batch_size, decoder) if mine else ():
-            out.write(row)  # as soon as it finishes: a kill loses only the rows in flight
-            summary["rows"] += 1
-            summary["tokens"] += row["n_tokens"]
-            summary["hit_limit"] += row["hit_limit"]
-            summary["empty"] += not row["reasoning"]
-            bar.set_postfix_str(f"{summary['tokens'] / (time.time() - start):.0f} tok/s", refresh=False)
-            bar.update(1)
-    bar.close()
+    counts = write_rows(part_path(out_path, rank, world), todo[rank::world], model_dir, cfg, batch_size,
+                        device, dtype, compile)
     if world > 1:
-        counts = ("rows", "tokens", "hit_limit", "empty")
-        totals = all_sum([summary[k] for k in counts], device)  # also waits for every rank to finish its part
-        summary.update({k: int(v) for k, v in zip(counts, totals)})
+        totals = all_sum(list(counts.values()), device)  # also waits for every rank to finish its part
+        counts = {k: int(v) for k, v in zip(counts, totals)}
         if rank == 0:
             merge_parts(out_path)
         barrier()              # the merged file is whole when any rank returns
-    summary["seconds"] = round(time.time() - start, 2)
+    summary = {"out": str(out_path), **counts, "skipped": len(rows) - len(todo),
+               "seconds": round(time.time() - start, 2)}
     if rank == 0:
         print(f"augment: wrote {summary['rows']} rows to {out_path} ({summary['skipped']} were already there), "
               f"{summary['tokens']} tokens, {summary['hit_limit']} hit the {cfg.max_new_tokens}-token limit, "
               f"{summary['empty']} empty replies, {summary['seconds']:.1f} s")
     return summary
+
+
+def unique_rows(rows: list[dict], source) -> list[dict]:
+    """The rows, after checking that no id appears twice (ids are how a resumed run knows its rows)."""
+    seen = set()
+    for row in rows:
+        if row["id"] in seen:
+            raise ValueError(f"{source}: id {row['id']!r} appears more than once")
+        seen.add(row["id"])
+    return rows
+
+
+def run_settings(model_dir, source, split, cfg: SamplingConfig) -> dict:
+    """What an output file was made with: the model, the data source and split (ids 0..1999 exist
+    in the train split and in the validation split), the prompt version and the sampling."""
+    local_model, local_source = Path(model_dir).expanduser(), Path(str(source)).expanduser()
+    return {"model": str(local_model.resolve()) if local_model.is_dir() else str(model_dir), "task": "rgen",
+            "data": str(local_source.resolve()) if local_source.exists() else str(source), "split": split,
+            "prompt_version": data_lib.PROMPT_VERSION, **asdict(cfg)}
+
+
+def write_rows(part: Path, rows: list[dict], model_dir, cfg: SamplingConfig, batch_size: int, device, dtype,
+               compile: bool) -> dict:
+    """Generate this rank's rows into its file, each the moment it finishes; return the counts."""
+    counts = {"rows": 0, "tokens": 0, "hit_limit": 0, "empty": 0}
+    if not rows:  # a finished file needs no model
+        part.touch()
+        return counts
+    folder = checkpoint.resolve_checkpoint(model_dir)  # a hub id is downloaded once
+    model = checkpoint.load_model(folder, dtype, device).eval()
+    tokenizer = Tokenizer(folder)
+    decoder = compiled_decoder(device) if compile else EAGER
+    rank, world = rank_and_world()
+    bar = tqdm(total=len(rows), unit="row", desc="augment" if world == 1 else f"augment (rank 0 of {world})",
+               disable=rank > 0)  # under torchrun, rank 0's share stands for the progress of all
+    start = time.time()
+    with JsonlAppender(part, sync_every=batch_size) as out:
+        for row in augment_rows(model, tokenizer, rows, cfg, batch_size, decoder):
+            out.write(row)  # as soon as it finishes: a kill loses only the rows in flight
+            counts["rows"] += 1
+            counts["tokens"] += row["n_tokens"]
+            counts["hit_limit"] += row["hit_limit"]
+            counts["empty"] += not row["reasoning"]
+            bar.set_postfix_str(f"{counts['tokens'] / (time.time() - start):.0f} tok/s", refresh=False)
+            bar.update(1)
+    bar.close()
+    return counts
 
 
 # ----------------------------------------------------------------------------- command line

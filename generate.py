@@ -168,11 +168,7 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
     keys: one int per prompt naming its random stream (default: its index).
     on_token(index, token) is called for every reply token as it comes. decoder: how each
     decode step runs (EAGER, or compiled_decoder's)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty")
+    check_prompts(prompts, batch_size)
     if not prompts:
         return
     device = model.embed_tokens.weight.device
@@ -201,19 +197,9 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
         u_now = None if u is None else u.gather(1, torch.tensor(
             [len(replies[i]) if i is not None else 0 for i in rows], device=device)[:, None]).squeeze(1)
         tokens = sample(logits, u_now, cfg)
-        tokens_cpu = tokens.cpu()                       # the one host sync per step
-        is_stop = torch.isin(tokens_cpu, stop).tolist()
-        for b, (i, token, stopped) in enumerate(zip(rows, tokens_cpu.tolist(), is_stop)):
-            if i is None:
-                continue
-            if not stopped:                             # the stop id itself is not part of the reply
-                replies[i].append(token)
-                if on_token is not None:
-                    on_token(i, token)
-            if stopped or len(replies[i]) == cfg.max_new_tokens:
-                ids = replies.pop(i)
-                rows[b] = None                          # idle until a waiting prompt takes its place
-                yield i, {"ids": ids, "n_tokens": len(ids), "hit_limit": not stopped}
+        for b, i, result in take_tokens(rows, replies, tokens.cpu(), stop, cfg.max_new_tokens, on_token):
+            rows[b] = None                              # idle until a waiting prompt takes its place
+            yield i, result
         if any(i is not None for i in rows):
             logits = decoder.step(model, tokens, cache)  # finished rows' logits are replaced or unused
         idle = [b for b, i in enumerate(rows) if i is None]
@@ -228,10 +214,33 @@ def generate_stream(model: Llama, prompts: list[list[int]], stop_ids, cfg: Sampl
         if not waiting and None in rows and not decoder.static and any(i is not None for i in rows):
             # Nothing waits: drop the idle rows, so that they stop costing compute.
             keep = torch.tensor([b for b, i in enumerate(rows) if i is not None], device=device)
-            rows = [i for i in rows if i is not None]
+            rows, logits, u = [i for i in rows if i is not None], logits[keep], None if u is None else u[keep]
             cache.select(keep)
-            logits = logits[keep]
-            u = None if u is None else u[keep]
+
+
+def check_prompts(prompts: list[list[int]], batch_size: int):
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+
+
+def take_tokens(rows: list, replies: dict, tokens: torch.Tensor, stop: torch.Tensor, max_new_tokens: int,
+                on_token=None):
+    """Append each busy row's new token (B,) to its reply, unless it is a stop id; yield
+    (batch row, prompt index, result) for every row whose reply is now finished."""
+    is_stop = torch.isin(tokens, stop).tolist()     # tokens are on the host: the one sync per step
+    for b, (i, token, stopped) in enumerate(zip(rows, tokens.tolist(), is_stop)):
+        if i is None:
+            continue
+        if not stopped:                             # the stop id itself is not part of the reply
+            replies[i].append(token)
+            if on_token is not None:
+                on_token(i, token)
+        if stopped or len(replies[i]) == max_new_tokens:
+            ids = replies.pop(i)
+            yield b, i, {"ids": ids, "n_tokens": len(ids), "hit_limit": not stopped}
 
 
 def generate_ids(model: Llama, prompts: list[list[int]], stop_ids, cfg: SamplingConfig,

@@ -389,14 +389,7 @@ def setup(cfg: TrainConfig) -> Run:
     and restore the run's state on --resume; write train_config.json."""
     out = Path(cfg.out)
     rank, world = rank_and_world()
-    if cfg.grad_accum % world:
-        raise ValueError(f"--grad-accum {cfg.grad_accum} is not a multiple of the {world} ranks, "
-                         f"which share each step's micro-batches")
-    if cfg.resume:
-        check_resumable(cfg, out)
-    elif (out / "last" / "train_state.pt").exists():
-        raise FileExistsError(f"{out / 'last'}: a run is already there; pass --resume or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_folder(cfg, out, world)
 
     # seed and device
     random.seed(cfg.seed)
@@ -428,14 +421,7 @@ def setup(cfg: TrainConfig) -> Run:
         f"replies up to {data_counts['max_new_tokens']} tokens (the checkpoints' max_new_tokens)")
 
     # model
-    model = checkpoint.load_model(out / "last" if cfg.resume else base_dir, dtype=torch.float32, device=device)
-    model.gradient_checkpointing = cfg.grad_checkpointing
-    model.train()
-    if cfg.compile:
-        for block in model.layers:  # in place: parameter names, and so checkpoints, stay as they are
-            block.compile()
-    log(f"{model.num_params() / 1e6:.1f}M parameters in fp32"
-        + (" (bf16 autocast for the matmuls)" if cfg.dtype == "bf16" else ""))
+    model = training_model(out / "last" if cfg.resume else base_dir, cfg, device)
 
     # optimizer, and where the run stands
     optimizer = build_optimizer(model, cfg, device)
@@ -452,6 +438,31 @@ def setup(cfg: TrainConfig) -> Run:
     files = tokenizer.serving_files(max_new_tokens=data_counts["max_new_tokens"])
     return Run(out, device, model, optimizer, train_set, val_batches, tokenizer.pad_id, bool(val_set), files,
                total_steps, stop_step, progress)
+
+
+def check_run_folder(cfg: TrainConfig, out: Path, world: int):
+    """A new run starts in a folder without one; --resume needs one that trains the same way."""
+    if cfg.grad_accum % world:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} is not a multiple of the {world} ranks, "
+                         f"which share each step's micro-batches")
+    if cfg.resume:
+        check_resumable(cfg, out)
+    elif (out / "last" / "train_state.pt").exists():
+        raise FileExistsError(f"{out / 'last'}: a run is already there; pass --resume or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def training_model(path: Path, cfg: TrainConfig, device: torch.device) -> Llama:
+    """The model to train, with fp32 weights (the master copy under bf16 autocast)."""
+    model = checkpoint.load_model(path, dtype=torch.float32, device=device)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    model.train()
+    if cfg.compile:
+        for block in model.layers:  # in place: parameter names, and so checkpoints, stay as they are
+            block.compile()
+    log(f"{model.num_params() / 1e6:.1f}M parameters in fp32"
+        + (" (bf16 autocast for the matmuls)" if cfg.dtype == "bf16" else ""))
+    return model
 
 
 def epoch_steps(cfg: TrainConfig, train_set: list[data.Example], epoch: int) -> list[list[list[int]]]:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval import (COLUMNS, LABELS, UNPARSED, bootstrap_diff_ci, classification_metrics, compare,
-                  confusion_matrix, evaluate, mcnemar_exact, parse_label, reply_logprobs, score_labels,
-                  write_report)
 import checkpoint
+from eval import compare, evaluate, reply_logprobs, score_labels, write_report
+from metrics import (COLUMNS, LABELS, UNPARSED, bootstrap_diff_ci, classification_metrics, confusion_matrix,
+                     mcnemar_exact, parse_label)
 from model import Llama, LlamaConfig
 from tokenizer import Tokenizer, build_tokenizer
 
@@ -67,9 +67,9 @@ def test_parse_unknown_task():
 
 def test_labels_match_data_module():
     import data
-    import eval as evaluation
+    import metrics
     assert LABELS is data.LABELS and list(LABELS) == ["sadness", "joy", "love", "anger", "fear", "surprise"]
-    assert evaluation.ANSWER_PREFIX == data.ANSWER_PREFIX == "Emotion:"
+    assert metrics.ANSWER_PREFIX == data.ANSWER_PREFIX == "Emotion:"
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -516,6 +516,7 @@ def test_the_longest_q2ra_target_parses_within_the_default_budget(assets, tmp_pa
     """A reasoning as long as stage 2's cap, then the answer line: the checkpoint's default
     reply budget (what eval.py uses) holds every training reply whole, end-of-turn included."""
     import eval as evaluation
+    from metrics import parse_label
     tokenizer = Tokenizer(assets.model["llama3"])
     cap = data.DEFAULT_REASONING_TOKENS
     long_text = " ".join(f"The word {w} suggests {label}." for label, words in WORDS.items() for w in words.split())
@@ -534,7 +535,7 @@ def test_the_longest_q2ra_target_parses_within_the_default_budget(assets, tmp_pa
     assert max(len(reply) for reply in replies) > cap  # the capped reasoning's target is longer than the cap
     for row, reply in zip(rows, replies):
         assert len(reply) <= budget  # every token, the end-of-turn one included: never cut off
-        assert evaluation.parse_label("q2ra", tokenizer.decode(reply[:budget])) == row["label"]
+        assert parse_label("q2ra", tokenizer.decode(reply[:budget])) == row["label"]
 
 
 def test_a_checkpoint_serves_the_prompt_it_was_trained_on(assets, tmp_path, meta_tokenizer_dir):
