@@ -19,56 +19,62 @@ whose settings differ from this run's is refused, so results are never silently 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import data
+import augment
+import eval as evaluation
+import generate
+import train
 from files import write_atomic, write_json
+from generate import SamplingConfig
+from runtime import option, parse_config
+from train import DEFAULT_MAX_SEQ_LEN, TrainConfig
 
 PAPER = {"q2a": 0.497, "q2ra": 0.584}  # accuracies the paper reports on the test split
-VALIDATION_ROWS = 500  # validation rows of stage 3 (the first of the split), for its loss and best/
+
+
+# Every default that a stage has already is taken from it (TrainConfig, SamplingConfig), never copied.
+TRAIN = TrainConfig
 
 
 @dataclass
 class PipelineConfig:
-    out: str = field(default="runs/paper", metadata={"help": "folder holding every stage's output"})
-    base_model: str = field(default="meta-llama/Llama-3.2-1B-Instruct",
-                            metadata={"help": "checkpoint folder or hub id every model starts from"})
-    rgen_data: str = field(default="syvai/reasoning-gen", metadata={"help": "stage-1 data: folder or hub id"})
-    rgen_columns: str = field(default="", metadata={"help": "stage-1 columns whose names are none of the known "
-                                                    "aliases: question=COL,answer=COL,reasoning=COL"})
-    emotion_data: str = field(default="dair-ai/emotion", metadata={"help": "emotion data: folder, file or hub id"})
-    rgen_examples: int = field(default=20_000, metadata={"help": "stage-1 subset of reasoning-gen rows"})
-    rgen_epochs: int = field(default=1, metadata={"help": "stage-1 epochs"})
-    rgen_max_seq_len: int = field(default=1024, metadata={"help": "stage-1 token limit per example"})
-    cls_epochs: int = field(default=2, metadata={"help": "stage-3 epochs (q2a and q2ra alike)"})
-    cls_max_seq_len: int = field(default=512, metadata={"help": "stage-3 token limit per example"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate of every fine-tune"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
-    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
-    augment_max_new_tokens: int = field(default=data.DEFAULT_REASONING_TOKENS,
-                                        metadata={"help": "stage-2 reasoning length cap"})
-    gen_batch_size: int = field(default=128, metadata={"help": "rows per generation batch (stages 2 and 4)"})
-    eval_limit: int = field(default=0, metadata={"help": "evaluate on the first N test rows (0: all 2,000)"})
-    eval_max_new_tokens: int = field(default=0, metadata={"help": "stage-4 reply budget (0: each checkpoint's "
-                                                          "own, which covers its longest training reply: for "
-                                                          "q2ra the stage-2 cap plus the answer line)"})
-    device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
-    dtype: str = field(default="bf16", metadata={"help": "bf16 or fp32 (training keeps fp32 master weights)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the training blocks and the decode "
-                                                   "step of stages 2 and 4 (for a GPU; results agree to float "
-                                                   "rounding)"})
-    seed: int = field(default=0, metadata={"help": "seed of every stage"})
-    demo: bool = field(default=False, metadata={"help": "run the embedded CPU demo: a tiny model and "
-                                                "generated data, no download; mechanics, not results"})
-    demo_rows: int = field(default=600, metadata={"help": "demo: emotion training rows generated"})
-    demo_epochs: float = field(default=15, metadata={"help": "demo: epochs of every fine-tune"})
+    out: str = option("runs/paper", "folder holding every stage's output")
+    base_model: str = option(TRAIN.model, "checkpoint folder or hub id every model starts from")
+    rgen_data: str = option("syvai/reasoning-gen", "stage-1 data: folder or hub id")
+    rgen_columns: str = option(TRAIN.rgen_columns, "stage-1 columns whose names are none of the known aliases: "
+                               "question=COL,answer=COL,reasoning=COL")
+    emotion_data: str = option("dair-ai/emotion", "emotion data: folder, file or hub id")
+    rgen_examples: int = option(20_000, "stage-1 subset of reasoning-gen rows")
+    rgen_epochs: float = option(1.0, "stage-1 epochs")
+    rgen_max_seq_len: int = option(DEFAULT_MAX_SEQ_LEN["rgen"], "stage-1 token limit per example")
+    cls_epochs: float = option(TRAIN.epochs, "stage-3 epochs (q2a and q2ra alike)")
+    cls_max_seq_len: int = option(DEFAULT_MAX_SEQ_LEN["q2ra"], "stage-3 token limit per example")
+    val_examples: int = option(TRAIN.val_examples, "stage-3 validation rows (the lowest ids of the split), "
+                               "for the validation loss that picks best/; stage 2 writes their reasoning too")
+    lr: float = option(TRAIN.lr, "peak learning rate of every fine-tune")
+    batch_size: int = option(TRAIN.batch_size, "examples per micro-batch")
+    grad_accum: int = option(TRAIN.grad_accum, "micro-batches per optimizer step")
+    augment_max_new_tokens: int = option(SamplingConfig.max_new_tokens, "stage-2 reasoning length cap")
+    gen_batch_size: int = option(128, "rows per generation batch (stages 2 and 4)")
+    eval_limit: int = option(0, "evaluate on the first N test rows (0: all 2,000)")
+    eval_max_new_tokens: int = option(0, "stage-4 reply budget (0: each checkpoint's own, which covers its "
+                                      "longest training reply: for q2ra the stage-2 cap plus the answer line)")
+    device: str = option(TRAIN.device, "cuda or cpu (default: cuda when available)")
+    dtype: str = option(TRAIN.dtype, "bf16 or fp32 (training keeps fp32 master weights)")
+    compile: bool = option(False, "torch.compile the training blocks and the decode step of stages 2 and 4 "
+                           "(for a GPU; results agree to float rounding)")
+    seed: int = option(TRAIN.seed, "seed of every stage")
+    demo: bool = option(False, "run the embedded CPU demo: a tiny model and generated data, no download; "
+                        "mechanics, not results")
+    demo_rows: int = option(600, "demo: emotion training rows generated")
+    demo_epochs: float = option(15.0, "demo: epochs of every fine-tune")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -88,15 +94,15 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
              settings=dict(model=str(out / "rgen" / "best"), data=cfg.emotion_data,
                            max_new_tokens=cfg.augment_max_new_tokens, dtype=cfg.dtype, seed=cfg.seed,
                            train_out=str(augmented), validation_out=str(augmented_val),
-                           validation_rows=VALIDATION_ROWS)),
+                           validation_rows=cfg.val_examples)),
         dict(name="q2a", inputs=[], run=run_train,
              settings=dict(train_common, task="q2a", data=cfg.emotion_data, epochs=cfg.cls_epochs,
-                           max_seq_len=cfg.cls_max_seq_len, val_examples=VALIDATION_ROWS)),
+                           max_seq_len=cfg.cls_max_seq_len, val_examples=cfg.val_examples)),
         dict(name="q2ra", inputs=["augment"], run=run_train,
              # skip_bad: a reasoning the generator left empty is dropped (and counted), not fatal
              # Both classifiers train on every training row and validate on the same validation rows.
              settings=dict(train_common, task="q2ra", data=str(augmented), val_data=str(augmented_val),
-                           val_examples=VALIDATION_ROWS, skip_bad=True, epochs=cfg.cls_epochs,
+                           val_examples=cfg.val_examples, skip_bad=True, epochs=cfg.cls_epochs,
                            max_seq_len=cfg.cls_max_seq_len)),
         dict(name="eval_q2a", inputs=["q2a"], run=run_eval,
              settings=dict(model=str(out / "q2a" / "best"), task="q2a", data=cfg.emotion_data, split="test",
@@ -113,7 +119,6 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
 
 
 def run_train(settings: dict, folder: Path, cfg: PipelineConfig):
-    import train
     # An interrupted run continues (also one stopped between the two renames of a save: train.recover_last).
     resume = any(folder.glob("last/train_state.pt")) or any(folder.glob(".last.old-*/train_state.pt"))
     train.train(train.TrainConfig(**settings, out=str(folder), device=cfg.device, compile=cfg.compile,
@@ -121,8 +126,6 @@ def run_train(settings: dict, folder: Path, cfg: PipelineConfig):
 
 
 def run_augment(settings: dict, folder: Path, cfg: PipelineConfig):
-    import augment
-    import generate
     sampling = generate.SamplingConfig(max_new_tokens=settings["max_new_tokens"], seed=settings["seed"])
     for split, limit in (("train", None), ("validation", settings["validation_rows"])):
         augment.augment(settings["model"], settings["data"], split, settings[f"{split}_out"], sampling,
@@ -132,7 +135,6 @@ def run_augment(settings: dict, folder: Path, cfg: PipelineConfig):
 
 def run_eval(settings: dict, folder: Path, cfg: PipelineConfig) -> dict:
     """Returns the reply budget it used, for the stage marker."""
-    import eval as evaluation
     report = evaluation.evaluate(settings["model"], settings["task"], settings["data"], split=settings["split"],
                                  out_dir=folder, limit=settings["limit"], batch_size=cfg.gen_batch_size,
                                  max_new_tokens=settings["max_new_tokens"], device=cfg.device,
@@ -141,7 +143,6 @@ def run_eval(settings: dict, folder: Path, cfg: PipelineConfig) -> dict:
 
 
 def run_compare(settings: dict, folder: Path, cfg: PipelineConfig):
-    import eval as evaluation
     result = evaluation.compare(settings["a"], settings["b"])
     write_json(folder / "compare.json", result)
 
@@ -232,22 +233,8 @@ def summarize(out: Path, cfg: PipelineConfig) -> dict:
 
 # ----------------------------------------------------------------------------- command line
 
-def parse_args(argv=None) -> PipelineConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(PipelineConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=f.default,
-                                help=f"{f.metadata['help']} (default: {f.default})")
-    args = parser.parse_args(argv)
-    return PipelineConfig(**vars(args))
-
-
 if __name__ == "__main__":
-    cfg = parse_args()
+    cfg = parse_config(PipelineConfig, description=__doc__)
     if cfg.demo and cfg.out == PipelineConfig.out:
         cfg.out = "runs/demo"
     try:

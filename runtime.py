@@ -1,15 +1,17 @@
 """Processes and devices, below every stage: torchrun's process group, rank and world, the
-all-reduce helpers and the barrier that training, stage 2 and evaluation share, and the
-default device and dtype.
+all-reduce helpers and the barrier that training, stage 2 and evaluation share, the default
+device and dtype, and command lines generated from a config dataclass.
 
 Without torchrun there is one process, and every helper here does what one process needs:
 all_sum returns its values, barrier returns at once, sum_gradients does nothing.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import MISSING, field, fields
 from datetime import timedelta
 
 import torch
@@ -106,3 +108,27 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- command lines
+
+def option(default, help: str, **kw):
+    """A config field with its --help text (and choices=..., checked by the config itself)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def parse_config(cls, argv=None, description: str = ""):
+    """cls(**flags): argparse flags generated from a config dataclass's fields, so that names,
+    defaults and help have one source of truth. A bool field is a switch; a field without a
+    default is a required flag."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=help)
+        elif f.default is MISSING:
+            parser.add_argument(flag, required=True, choices=f.metadata.get("choices"), help=help)
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default,
+                                choices=f.metadata.get("choices"), help=f"{help} (default: {f.default!r})")
+    return cls(**vars(parser.parse_args(argv)))

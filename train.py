@@ -43,7 +43,6 @@ fp32 master weights).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -53,7 +52,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -67,14 +66,11 @@ from files import write_atomic, write_json
 from checkpoint import replace_dir, resolve_checkpoint
 from model import Llama
 from tokenizer import Tokenizer
-from runtime import all_sum, barrier, distributed, is_main, rank_and_world, sum_gradients
+from runtime import (all_sum, barrier, distributed, is_main, option, parse_config, rank_and_world, say,
+                     sum_gradients)
 
 
 # ----------------------------------------------------------------------------- config
-
-def _f(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
 
 @dataclass
 class TrainConfig:
@@ -84,48 +80,48 @@ class TrainConfig:
     data: str = field(metadata={"help": "rgen: reasoning-gen folder or hub id; q2a: emotion folder, file or hub "
                                         "id; q2ra: the stage-2 jsonl (text, label, reasoning)"})
     out: str = field(metadata={"help": "run folder: train_config.json, metrics.jsonl, loss.png, best/, last/"})
-    model: str = _f("meta-llama/Llama-3.2-1B-Instruct", "checkpoint folder or hub id to start from "
+    model: str = option("meta-llama/Llama-3.2-1B-Instruct", "checkpoint folder or hub id to start from "
                     "(its tokenizer is used, and saved into every checkpoint with our chat template)")
-    max_examples: int = _f(0, "training examples used (0: all): q2a/q2ra the N lowest row ids, so both see the "
+    max_examples: int = option(0, "training examples used (0: all): q2a/q2ra the N lowest row ids, so both see the "
                               "same rows; rgen reads this many (plus --val-examples), spread evenly over the whole set")
-    val_examples: int = _f(500, "validation examples: the N lowest ids of the emotion 'validation' split when it "
+    val_examples: int = option(500, "validation examples: the N lowest ids of the emotion 'validation' split when it "
                            "exists, else N held out from the training rows, at most a tenth of them (a seeded "
                            "random slice; rgen: every k-th of the rows read, which are --max-examples plus these). "
                            "0: no validation, best/ = the final model")
-    val_data: str = _f("", "q2a/q2ra: take the validation rows from here instead (an emotion source, or a "
+    val_data: str = option("", "q2a/q2ra: take the validation rows from here instead (an emotion source, or a "
                            "stage-2 jsonl for q2ra), so that every training row is trained on")
-    rgen_columns: str = _f("", "rgen: the columns of question, answer and reasoning, where their names are none "
+    rgen_columns: str = option("", "rgen: the columns of question, answer and reasoning, where their names are none "
                            "of the known aliases, as question=COL,answer=COL,reasoning=COL (any of the three)")
-    max_seq_len: int = _f(0, "token limit per example (0: 1024 for rgen, whose replies are long, 512 for "
+    max_seq_len: int = option(0, "token limit per example (0: 1024 for rgen, whose replies are long, 512 for "
                           "q2a/q2ra); longer ones are counted, and rgen's cut from the right, q2ra's shortened in "
                           "their reasoning, q2a's dropped: a classifier's label and end-of-turn token always stay")
-    epochs: float = _f(2.0, "passes over the training examples; the lr schedule spans them "
+    epochs: float = option(2.0, "passes over the training examples; the lr schedule spans them "
                        "(fractions allowed; 1-2 suit a full fine-tune, the pipeline uses 1 for rgen)")
-    max_steps: int = _f(0, "stop after this many optimizer steps (0: after --epochs). The lr schedule still "
+    max_steps: int = option(0, "stop after this many optimizer steps (0: after --epochs). The lr schedule still "
                         "spans --epochs, so a run stopped here (which also evaluates there) and resumed "
                         "trains exactly as one uninterrupted run")
-    batch_size: int = _f(8, "examples per micro-batch (per forward/backward pass)")
-    grad_accum: int = _f(4, "micro-batches per optimizer step; with the default batch size 8 x 4 = 32 examples per step")
-    lr: float = _f(1e-5, "peak learning rate (1e-5..2e-5 suits a full fine-tune of a 1B model)")
-    min_lr_ratio: float = _f(0.1, "the cosine decay ends at lr * this")
-    warmup_ratio: float = _f(0.03, "linear warm-up over this fraction of the optimizer steps")
-    weight_decay: float = _f(0.01, "AdamW weight decay, on weight matrices only (never on norms)")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
-    dtype: str = _f("bf16", "bf16: autocast matmuls with fp32 master weights and AdamW state; fp32: all fp32",
+    batch_size: int = option(8, "examples per micro-batch (per forward/backward pass)")
+    grad_accum: int = option(4, "micro-batches per optimizer step; with the default batch size 8 x 4 = 32 examples per step")
+    lr: float = option(1e-5, "peak learning rate (1e-5..2e-5 suits a full fine-tune of a 1B model)")
+    min_lr_ratio: float = option(0.1, "the cosine decay ends at lr * this")
+    warmup_ratio: float = option(0.03, "linear warm-up over this fraction of the optimizer steps")
+    weight_decay: float = option(0.01, "AdamW weight decay, on weight matrices only (never on norms)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    dtype: str = option("bf16", "bf16: autocast matmuls with fp32 master weights and AdamW state; fp32: all fp32",
                     choices=("bf16", "fp32"))
-    grad_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass: "
+    grad_checkpointing: bool = option(False, "recompute each block's activations in the backward pass: "
                                   "less memory, about a third more compute")
-    compile: bool = _f(False, "torch.compile each decoder block (inductor): fused elementwise kernels, "
+    compile: bool = option(False, "torch.compile each decoder block (inductor): fused elementwise kernels, "
                        "for GPU speed; the first steps of each new sequence length compile")
-    length_chunk: int = _f(64, "length grouping: each epoch's shuffled examples are sorted by length within "
+    length_chunk: int = option(64, "length grouping: each epoch's shuffled examples are sorted by length within "
                            "chunks of this many micro-batches, so little compute goes to padding (1: off)")
-    eval_every: int = _f(100, "validation loss every N optimizer steps (and at the end)")
-    save_every: int = _f(200, "write OUT/last every N optimizer steps (and at the end, and on Ctrl-C)")
-    resume: bool = _f(False, "continue the run in --out from OUT/last exactly where it stopped")
-    seed: int = _f(0, "seed of the batch order, the held-out slice and the torch/python RNGs")
-    device: str = _f("", "cuda, cuda:N or cpu (default: cuda when available); under torchrun, "
+    eval_every: int = option(100, "validation loss every N optimizer steps (and at the end)")
+    save_every: int = option(200, "write OUT/last every N optimizer steps (and at the end, and on Ctrl-C)")
+    resume: bool = option(False, "continue the run in --out from OUT/last exactly where it stopped")
+    seed: int = option(0, "seed of the batch order, the held-out slice and the torch/python RNGs")
+    device: str = option("", "cuda, cuda:N or cpu (default: cuda when available); under torchrun, "
                      "cuda and cuda:N mean the GPU LOCAL_RANK")
-    skip_bad: bool = _f(False, "skip (and count) bad data rows instead of stopping at the first one")
+    skip_bad: bool = option(False, "skip (and count) bad data rows instead of stopping at the first one")
 
     def __post_init__(self):
         for f in fields(self):
@@ -140,23 +136,11 @@ RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "device"
 
 
 def parse_args(argv=None) -> TrainConfig:
-    """argparse flags generated from TrainConfig: one source of truth for names, defaults and help."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(TrainConfig):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=help)
-        elif f.default is MISSING:
-            parser.add_argument(flag, required=True, choices=f.metadata.get("choices"), help=help)
-        else:
-            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default,
-                                choices=f.metadata.get("choices"), help=f"{help} (default: {f.default!r})")
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    return parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
 
 
 def log(msg: str):
-    if is_main():
-        tqdm.write(f"train: {msg}", file=sys.stderr)
+    say("train", msg)
 
 
 # ----------------------------------------------------------------------------- loss

@@ -14,8 +14,8 @@ import checkpoint
 from eval import compare, evaluate, reply_logprobs, score_labels, write_report
 from metrics import (COLUMNS, LABELS, UNPARSED, bootstrap_diff_ci, classification_metrics, confusion_matrix,
                      mcnemar_exact, parse_label)
-from model import Llama, LlamaConfig
 from tokenizer import Tokenizer, build_tokenizer
+from tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -336,11 +336,8 @@ def test_cli_evaluate_needs_flags():
 # ----------------------------------------------------------------------------- logprob scoring
 
 def tiny_model(vocab_size=64, eos=(2,), bos=1):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=bos, eos_token_id=list(eos))
-    return Llama(config).eval()
+    return tiny_llama(vocab_size, hidden_size=32, intermediate_size=64, head_dim=8, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=bos, eos_token_id=list(eos)).eval()
 
 
 class CharTokenizer:

@@ -11,8 +11,9 @@ import torch
 
 import checkpoint
 from generate import SamplingConfig, generate_ids, sample
-from model import Llama, LlamaConfig
+from model import Llama
 from tokenizer import Tokenizer, build_tokenizer
+from tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = SamplingConfig(max_new_tokens=20)
@@ -23,15 +24,7 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def tiny_model(seed=0, vocab=97, std=0.3, **kw) -> Llama:
     """Weights with a large std, so the logits are peaked and argmax has no near-ties."""
-    torch.manual_seed(seed)
-    config = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
-    model = Llama(LlamaConfig(**{**config, **kw})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, std)
-    return model
+    return tiny_llama(vocab, seed=seed, std=std, **kw).eval()
 
 
 def prompts_of(lengths, vocab=97, seed=1):

@@ -2,7 +2,7 @@
 transformers' loss, overfitting, exact resume (in process, after SIGINT and after SIGKILL),
 the optimizer groups and schedule, and the CLI end to end.
 
-Everything is built in tmp dirs (tokenizers by build_tokenizer, models by Llama(LlamaConfig)):
+Everything is built in tmp dirs (tokenizers by build_tokenizer, models by tiny.tiny_llama):
 no downloads. Torch runs on one thread here: tiny matmuls are faster that way on a shared 2-core
 machine, and the subprocesses get the same setting so that their losses compare bit for bit.
 """
@@ -25,8 +25,8 @@ import readers
 from files import write_json
 import train
 import checkpoint
-from model import Llama, LlamaConfig
 from tokenizer import Tokenizer, build_tokenizer
+from tiny import tiny_llama
 from train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,12 +46,6 @@ def emotion_row(rng: random.Random, i: int) -> dict:
 def write_jsonl(path: Path, rows, keys):
     path.write_text("".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in rows))
     return path
-
-
-def tiny_config(tokenizer: Tokenizer, tied: bool) -> LlamaConfig:
-    return LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied,
-                       bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +72,8 @@ def assets(tmp_path_factory):
     for chat_format, tied in (("llama3", True), ("chatml", False)):
         tokenizer_dir = build_tokenizer(texts, root / f"tok-{chat_format}", chat_format=chat_format,
                                              vocab_size=400)
-        torch.manual_seed(0)
-        model = Llama(tiny_config(Tokenizer(tokenizer_dir), tied))
+        tokenizer = Tokenizer(tokenizer_dir)
+        model = tiny_llama(tokenizer.vocab_size, tokenizer=tokenizer, tie_word_embeddings=tied)
         models[chat_format] = checkpoint.save_model(model, root / f"model-{chat_format}",
                                                     Tokenizer(tokenizer_dir).serving_files())
     return SimpleNamespace(root=root, emotion=emotion, augmented=augmented, rgen=rgen, rows=rows,
@@ -544,14 +538,11 @@ def test_a_checkpoint_serves_the_prompt_it_was_trained_on(assets, tmp_path, meta
     train.py: the saved folder's chat template gives transformers exactly our prompt."""
     transformers = pytest.importorskip("transformers")
     tokenizer = Tokenizer(meta_tokenizer_dir)
-    config = LlamaConfig(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=500000.0,
-                         rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192},
-                         max_position_embeddings=131072, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
-    torch.manual_seed(0)
-    base = checkpoint.save_model(Llama(config), tmp_path / "base", tokenizer.serving_files())
+    model = tiny_llama(128256, tokenizer=tokenizer, hidden_size=32, intermediate_size=64, head_dim=8,
+                       rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True,
+                       rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192})
+    base = checkpoint.save_model(model, tmp_path / "base", tokenizer.serving_files())
     out = tmp_path / "run"
     proc = start_cli(["--task", "q2a", "--model", str(base), "--data", str(assets.emotion), "--out", str(out),
                       "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--val-examples", "2",
