@@ -47,23 +47,20 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
 import data
-from files import write_atomic, write_json
-from checkpoint import replace_dir, resolve_checkpoint
+import runs
+from checkpoint import resolve_checkpoint
+from files import write_json
 from model import Llama
 from tokenizer import Tokenizer
 from runtime import (all_sum, barrier, distributed, is_main, option, parse_config, rank_and_world, say,
@@ -234,121 +231,6 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return min_lr + (cfg.lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ----------------------------------------------------------------------------- checkpoints and files
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def save_last(out: Path, model: Llama, optimizer, progress: dict, files: dict):
-    """OUT/last = the model (Hugging Face layout) + train_state.pt (optimizer, step, data position,
-    RNG, best validation loss). Both are written into a staging folder that then replaces OUT/last
-    in one rename, so a crash mid-save leaves the previous OUT/last whole and consistent."""
-    staging = out / ".last.staging"
-    checkpoint.save_model(model, staging, files)
-    torch.save({**progress, "optimizer": optimizer.state_dict(), "rng": rng_state()}, staging / "train_state.pt")
-    replace_dir(staging, out / "last")
-
-
-def load_train_state(out: Path, device) -> dict:
-    return torch.load(out / "last" / "train_state.pt", map_location=device,
-                      weights_only=True)  # tensors and plain containers only: no code runs on load
-
-
-def recover_last(out: Path):
-    """A crash between replace_dir's two renames leaves no OUT/last, and the previous checkpoint,
-    whole, in OUT/.last.old-PID: put it back (the newest, if there are several). Not .last.staging,
-    which may be torn. Rank 0 renames; the other ranks wait for it."""
-    if is_main() and not (out / "last").exists():
-        old = [p for p in out.glob(".last.old-*") if (p / "train_state.pt").is_file()]
-        if old:
-            newest = max(old, key=lambda p: (p / "train_state.pt").stat().st_mtime)
-            os.replace(newest, out / "last")
-            log(f"{out / 'last'} was missing (a crash while it was being replaced): restored it from {newest.name}")
-    barrier()
-
-
-def check_resumable(cfg: TrainConfig, out: Path):
-    """There is a run to resume, and the resumed run trains the same way as the one it continues."""
-    recover_last(out)
-    if not (out / "last" / "train_state.pt").is_file():
-        raise FileNotFoundError(f"{out / 'last' / 'train_state.pt'}: no saved run to --resume")
-    saved = json.loads((out / "train_config.json").read_text())["config"]
-    for name, value in asdict(cfg).items():
-        if name not in RESUMABLE_CHANGES and saved.get(name) != value:
-            raise ValueError(f"{out / 'train_config.json'}: the run was started with {name}={saved.get(name)!r}, "
-                             f"cannot --resume it with {name}={value!r}")
-
-
-def truncate_metrics(path: Path, step: int):
-    """Keep only the metrics of steps up to `step`, where the run restarts: a crash may have
-    logged steps after its last save, or torn the last line; a fresh run starts an empty file."""
-    kept = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except json.JSONDecodeError:  # the line a kill cut short
-            pass
-    write_atomic(path, "".join(kept))
-
-
-def plot_losses(out: Path):
-    """OUT/loss.png: training and validation loss per step (matplotlib is optional)."""
-    try:
-        from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
-    except ImportError:
-        log("matplotlib is not installed: no loss.png (pip install matplotlib)")
-        return
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-    fig = Figure(figsize=(7, 4), layout="tight")
-    ax = fig.subplots()
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train")
-    val = [r for r in rows if "val_loss" in r]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    ax.set(xlabel="optimizer step", ylabel="loss per target token", title=out.name)
-    ax.legend()
-    write_atomic(out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-
-
-@contextmanager
-def stop_requests():
-    """Ctrl-C (or SIGTERM) sets a flag: the loop finishes its optimizer step, saves OUT/last and
-    stops, so no half-applied update is ever saved. A second Ctrl-C stops at once, but not under
-    torchrun: there a terminal's Ctrl-C reaches every rank twice (directly, and passed on by
-    torchrun, which kills the ranks that have not exited 30 s later)."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield stop
-        return
-
-    def request(signum, frame):
-        if not stop.is_set():
-            log("stopping after this step to save OUT/last"
-                + ("" if dist.is_initialized() else " (Ctrl-C again to quit without saving)"))
-        stop.set()
-        if not dist.is_initialized():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 # ----------------------------------------------------------------------------- training
 
 @dataclass
@@ -411,13 +293,13 @@ def setup(cfg: TrainConfig) -> Run:
     optimizer = build_optimizer(model, cfg, device)
     progress = {"step": 0, "epoch": 0, "index": 0, "best_val_loss": math.inf, "elapsed_s": 0.0}
     if cfg.resume:
-        state = load_train_state(out, device)
+        state = runs.load_train_state(out, device)
         optimizer.load_state_dict(state.pop("optimizer"))
-        set_rng_state(state.pop("rng"))
+        runs.set_rng_state(state.pop("rng"))
         progress = state
         log(f"resumed at step {progress['step']} (epoch {progress['epoch']}, step {progress['index']} of it)")
     if rank == 0:
-        truncate_metrics(out / "metrics.jsonl", progress["step"])
+        runs.truncate_metrics(out / "metrics.jsonl", progress["step"])
     # Saved with every checkpoint: the tokenizer, our chat template and the reply budget.
     files = tokenizer.serving_files(max_new_tokens=data_counts["max_new_tokens"])
     return Run(out, device, model, optimizer, train_set, val_batches, tokenizer.pad_id, bool(val_set), files,
@@ -430,7 +312,7 @@ def check_run_folder(cfg: TrainConfig, out: Path, world: int):
         raise ValueError(f"--grad-accum {cfg.grad_accum} is not a multiple of the {world} ranks, "
                          f"which share each step's micro-batches")
     if cfg.resume:
-        check_resumable(cfg, out)
+        runs.check_resumable(out, asdict(cfg), RESUMABLE_CHANGES)
     elif (out / "last" / "train_state.pt").exists():
         raise FileExistsError(f"{out / 'last'}: a run is already there; pass --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -476,7 +358,7 @@ def train(cfg: TrainConfig) -> Path:
     start_time = time.perf_counter() - progress["elapsed_s"]
     steps = epoch_steps(cfg, run.train_set, progress["epoch"])
     # the loop: one optimizer step per iteration, from wherever the run stands to stop_step
-    with stop_requests() as stop, open(run.out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as metrics:
+    with runs.stop_requests() as stop, open(run.out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as metrics:
         while progress["step"] < run.stop_step:
             if progress["index"] == len(steps):  # the epoch is done: the next one has its own batch order
                 progress.update(epoch=progress["epoch"] + 1, index=0)
@@ -505,7 +387,7 @@ def train(cfg: TrainConfig) -> Path:
                             tgt_s=f"{targets / dt:.0f}", refresh=False)
             if step % cfg.save_every == 0 or step == run.stop_step or stopping:
                 if rank == 0:
-                    save_last(run.out, run.model, run.optimizer, progress, run.files)
+                    runs.save_last(run.out, run.model, run.optimizer, progress, run.files)
                 barrier()  # no rank exits (which would make torchrun stop rank 0) before the save is whole
             if stopping:
                 bar.close()
@@ -523,7 +405,7 @@ def finish(run: Run):
             checkpoint.save_model(run.model, run.out / "best", run.files)
         log(f"done at step {run.progress['step']}: best validation loss {run.progress['best_val_loss']:.4f}, "
             f"{run.progress['elapsed_s'] / 60:.1f} min in all; best checkpoint: {run.out / 'best'}")
-        plot_losses(run.out)
+        runs.plot_losses(run.out)
     barrier()
 
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import data
+import runs
 import readers
 from files import write_json
 import train
@@ -388,9 +389,9 @@ def test_resume_after_a_crash_between_the_renames_of_a_save(assets, tmp_path, un
 def test_metrics_after_the_restart_point_are_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
-    train.truncate_metrics(path, 3)
+    runs.truncate_metrics(path, 3)
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3]
-    train.truncate_metrics(path, 0)  # a fresh run
+    runs.truncate_metrics(path, 0)  # a fresh run
     assert path.read_text() == ""
 
 
