@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import zlib
 from dataclasses import asdict
@@ -36,7 +35,7 @@ from files import write_atomic, write_json
 from generate import EAGER, Decoder, SamplingConfig, add_sampling_args, compiled_decoder, generate_stream, sampling_config
 from model import Llama
 from tokenizer import Tokenizer
-from runtime import all_sum, barrier, distributed, rank_and_world, resolve_device_dtype
+from runtime import all_sum, barrier, distributed, one_line_errors, rank_and_world, resolve_device_dtype
 
 # ----------------------------------------------------------------------------- prompts and rows
 
@@ -280,14 +279,10 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="resume --out even if its settings differ")
     add_sampling_args(p)
     args = p.parse_args(argv)
-    try:
-        with distributed(args.device or "") as device:  # joins torchrun's group, if launched by it
-            augment(args.model, args.data, args.split, args.out, sampling_config(args), args.batch_size, args.limit,
-                    args.force, device, args.dtype, compile=args.compile)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
-        sys.exit(f"augment.py: {e}")
-    except KeyboardInterrupt:
-        sys.exit("augment.py: interrupted; rerun the same command to resume")
+    with one_line_errors("augment.py", "interrupted; rerun the same command to resume"), \
+            distributed(args.device or "") as device:  # joins torchrun's group, if launched by it
+        augment(args.model, args.data, args.split, args.out, sampling_config(args), args.batch_size, args.limit,
+                args.force, device, args.dtype, compile=args.compile)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import checkpoint
 from data import DEFAULT_REASONING_TOKENS
 from model import KVCache, Llama
 from tokenizer import Tokenizer
-from runtime import DTYPES, resolve_device_dtype
+from runtime import DTYPES, one_line_errors, resolve_device_dtype
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -322,7 +322,7 @@ def main(argv=None):
     add_sampling_args(p)
     args = p.parse_args(argv)
 
-    try:
+    with one_line_errors("generate.py"):
         cfg = sampling_config(args)
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         folder = checkpoint.resolve_checkpoint(args.model)
@@ -331,10 +331,6 @@ def main(argv=None):
         decoder = compiled_decoder(device) if args.compile else EAGER
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         stream_reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], cfg, decoder=decoder)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
-        sys.exit(f"generate.py: {e}")
-    except KeyboardInterrupt:
-        sys.exit("generate.py: interrupted")
 
 
 if __name__ == "__main__":

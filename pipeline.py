@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -33,7 +32,7 @@ import generate
 import train
 from files import write_atomic, write_json
 from generate import SamplingConfig
-from runtime import option, parse_config
+from runtime import one_line_errors, option, parse_config
 from train import DEFAULT_MAX_SEQ_LEN, TrainConfig
 
 PAPER = {"q2a": 0.497, "q2ra": 0.584}  # accuracies the paper reports on the test split
@@ -237,9 +236,5 @@ if __name__ == "__main__":
     cfg = parse_config(PipelineConfig, description=__doc__)
     if cfg.demo and cfg.out == PipelineConfig.out:
         cfg.out = "runs/demo"
-    try:
+    with one_line_errors("pipeline.py", "interrupted; run the same command again to continue"):
         run_pipeline(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
-        sys.exit(f"pipeline.py: {e}")
-    except KeyboardInterrupt:
-        sys.exit("pipeline.py: interrupted; run the same command again to continue")

@@ -132,3 +132,16 @@ def parse_config(cls, argv=None, description: str = ""):
             parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default,
                                 choices=f.metadata.get("choices"), help=f"{help} (default: {f.default!r})")
     return cls(**vars(parser.parse_args(argv)))
+
+
+@contextmanager
+def one_line_errors(program: str, on_interrupt: str = "interrupted"):
+    """Bad input (ValueError, FileNotFoundError, RuntimeError: the errors our code raises with a
+    message naming the file, row or tensor) ends the program with that one line and no
+    traceback; Ctrl-C ends it with `on_interrupt`."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"{program}: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"{program}: {on_interrupt}")

@@ -13,7 +13,7 @@ import pytest
 
 from augment import JsonlAppender, check_meta, done_ids, merge_parts
 from generate import SamplingConfig
-from test_generate import ONE_THREAD, WORDS, model_dir  # noqa: F401 (model_dir is a fixture)
+from test_generate import ONE_THREAD, WORDS, model_dir, run_script  # noqa: F401 (model_dir is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,11 +25,7 @@ def append_rows(path, rows):
 
 
 def run_cli(*args, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "augment.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD, timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"augment.py {' '.join(map(str, args))} failed:\n{proc.stderr}")
-    return proc
+    return run_script("augment.py", *args, check=check)
 
 
 # ----------------------------------------------------------------------------- stage-2 file handling

@@ -239,12 +239,17 @@ def model_dir(tmp_path_factory):
     return root / "model"
 
 
-def run_cli(*args, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)],
+def run_script(script: str, *args, check=True) -> subprocess.CompletedProcess:
+    """One of our scripts in a subprocess (one thread); its failure shows its stderr."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD, timeout=120)
     if check and proc.returncode != 0:
-        raise AssertionError(f"generate.py {' '.join(map(str, args))} failed:\n{proc.stderr}")
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{proc.stderr}")
     return proc
+
+
+def run_cli(*args, check=True) -> subprocess.CompletedProcess:
+    return run_script("generate.py", *args, check=check)
 
 
 def test_cli_prompt_streams_the_reply_and_help_runs(model_dir):
