@@ -1,13 +1,16 @@
-"""bench.py smoke test: a tiny config and a one-point grid, run end to end (including the four
+"""bench/bench.py smoke test: a tiny config and a one-point grid, run end to end (including the four
 training subprocesses, most of its ~15 s); the JSON must hold every figure with both sides and a
 ratio. No timing is asserted."""
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
-import bench  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # as running bench/bench.py puts it first
+import bench  # noqa: E402  (bench/bench.py, which imports measure.py beside it)
 
 TINY = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
@@ -56,6 +59,6 @@ def test_bench_writes_every_figure(tmp_path, capsys, fresh_dynamo):
     meta = result["meta"]
     assert meta["max_abs_logit_diff"] < 1e-4 and meta["transformers_attention"] == "sdpa" and meta["compile_train"]
     assert meta["machine"]["threads"] == 1 and meta["machine"]["cpu"]
-    assert len(result["targets"]) == 5 and all(isinstance(t["met"], bool) for t in result["targets"])
+    assert set(result) == {"meta", "figures"}
     printed = capsys.readouterr().out
-    assert "ours/tf" in printed and "target batch-1 decode" in printed
+    assert "ours/tf" in printed and "batch-1 decode limit here" in printed and "\ntarget " not in printed

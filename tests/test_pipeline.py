@@ -96,7 +96,7 @@ def test_readme_commands_exist_and_show_help():
     readme = (ROOT / "README.md").read_text()
     scripts = set(re.findall(r"^\s*(?:torchrun [^\n]*?)?python ([\w/]+\.py)", readme, flags=re.M))
     scripts |= set(re.findall(r"torchrun [^\n]*? ([\w/]+\.py)", readme))
-    assert {"pipeline.py", "train.py", "generate.py", "augment.py", "eval.py", "bench.py"} <= scripts
+    assert {"pipeline.py", "train.py", "generate.py", "augment.py", "eval.py", "bench/bench.py"} <= scripts
     for script in sorted(scripts):
         result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0 and "usage" in result.stdout, (script, result.stderr[-500:])
