@@ -1,7 +1,9 @@
 """Data: the three tasks' prompts and targets, and how a row becomes a training example.
 
-    prompt_messages ...  the tasks: rgen (stage 1, question + answer -> reasoning), q2a (text ->
-                         label) and q2ra (text -> reasoning, then "Emotion: <label>")
+    TASKS                one table of what differs between the tasks: rgen (stage 1, question +
+                         answer -> reasoning), q2a (text -> label) and q2ra (text -> reasoning,
+                         then "Emotion: <label>"); the code asks it instead of the task's name
+    prompt_messages ...  a task's user turn and reply for a row
     encode_example       one training example: ids, target mask, and how it was fitted to the
                          length limit (a classifier never loses its label)
     reply_budget         the max_new_tokens that a task's replies need, end-of-turn included
@@ -15,8 +17,9 @@ rows come from are read by readers.py.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -29,7 +32,6 @@ from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- tasks
 
-TASKS = ("rgen", "q2a", "q2ra")
 ANSWER_PREFIX = "Emotion:"  # q2ra's last line is exactly "Emotion: <label>"; eval.py parses it
 PROMPT_VERSION = "v1"       # bump whenever a wording below changes: trained models depend on it
 DEFAULT_REASONING_TOKENS = 256  # stage 2's cap on a reasoning's length (new tokens)
@@ -53,34 +55,69 @@ def _label(row: dict) -> str:
     return row["label"]
 
 
+def answer_line(label: str) -> str:
+    """The q2ra target's last line."""
+    return f"{ANSWER_PREFIX} {label}"
+
+
 def emotion_as_rgen(row: dict) -> dict:
     """An emotion row as a stage-1 question/answer pair, for stage 2 to write its reasoning."""
     question = EMOTION_QUESTION.format(labels=", ".join(LABELS), text=_field(row, "text"))
     return {"id": row.get("id"), "question": question, "answer": _label(row)}
 
 
+def _rgen_user(row: dict) -> str:
+    return RGEN_PROMPT.format(question=_field(row, "question").strip(), answer=_field(row, "answer").strip())
+
+
+def _classify_user(row: dict) -> str:  # q2a and q2ra share it word for word: they differ only in the reply
+    return CLASSIFY_PROMPT.format(labels=", ".join(LABELS), text=_field(row, "text").strip())
+
+
+def _longest_tokens(tokenizer: Tokenizer, texts) -> int:
+    return max(len(tokenizer.encode(text)) for text in texts)
+
+
+@dataclass(frozen=True)
+class Task:
+    """All that differs between the three tasks, so that the code asks this table, not the name."""
+    rows: str                                # "reasoning-gen" (streamed), "emotion" or "augmented" (stage 2's jsonl)
+    user: Callable[[dict], str]              # the user turn of a row (no system turn)
+    reply: Callable[[dict], str]             # the assistant's reply: the training target
+    max_seq_len: int                         # the default token limit per training example
+    over_limit: str                          # a longer example is "cut" from the right, "shortened" in its
+                                             # reasoning (the answer line stays) or "dropped"
+    budget: Callable[[Tokenizer, int], int]  # max_new_tokens its replies need, end-of-turn included,
+                                             # given stage 2's reasoning cap
+
+
+TASKS = {
+    "rgen": Task("reasoning-gen", _rgen_user, lambda row: _field(row, "reasoning").strip(), 1024, "cut",
+                 lambda tokenizer, cap: cap),
+    # q2a: room for a few words around the label, as a stray "Emotion: joy."
+    "q2a": Task("emotion", _classify_user, _label, 512, "dropped",
+                lambda tokenizer, cap: max(8, 1 + _longest_tokens(tokenizer, LABELS))),
+    "q2ra": Task("augmented", _classify_user,
+                 lambda row: f"{_field(row, 'reasoning').strip()}\n{answer_line(_label(row))}", 512, "shortened",
+                 lambda tokenizer, cap: cap + 1 + _longest_tokens(tokenizer, ("\n" + answer_line(x) for x in LABELS))),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task '{name}' (expected one of {', '.join(TASKS)})")
+    return TASKS[name]
+
+
 def prompt_messages(task: str, row: dict) -> list[dict]:
-    """The user turn of a task (no system turn). q2a and q2ra share it word for word, so the two
-    classifiers differ only in what they learn to answer."""
-    if task == "rgen":
-        content = RGEN_PROMPT.format(question=_field(row, "question").strip(), answer=_field(row, "answer").strip())
-    elif task in ("q2a", "q2ra"):
-        content = CLASSIFY_PROMPT.format(labels=", ".join(LABELS), text=_field(row, "text").strip())
-    else:
-        raise ValueError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
-    return [{"role": "user", "content": content}]
+    """The user turn of a task (no system turn)."""
+    return [{"role": "user", "content": get_task(task).user(row)}]
 
 
 def target_text(task: str, row: dict) -> str:
     """The assistant's reply: rgen the reasoning; q2a the label; q2ra the reasoning, then
     a last line "Emotion: <label>"."""
-    if task == "rgen":
-        return _field(row, "reasoning").strip()
-    if task == "q2a":
-        return _label(row)
-    if task == "q2ra":
-        return f"{_field(row, 'reasoning').strip()}\n{answer_line(_label(row))}"
-    raise ValueError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
+    return get_task(task).reply(row)
 
 
 def example_messages(task: str, row: dict) -> list[dict]:
@@ -89,17 +126,19 @@ def example_messages(task: str, row: dict) -> list[dict]:
 
 def encode_example(tokenizer: Tokenizer, task: str, row: dict, max_seq_len: int) -> dict:
     """ids and target mask of one training example, at most max_seq_len tokens, and how it was
-    made to fit: "whole"; "cut" (rgen: cut from the right, the reasoning loses its end);
-    "shortened" (q2ra: the reasoning loses its last tokens, so that the answer line and the
-    end-of-turn token stay); "dropped" (a classifier whose label cannot stay: ids are empty).
-    A classifier never trains on a reply cut before its label: it would learn not to answer."""
+    made to fit (the task's over_limit): "whole"; "cut" (rgen: cut from the right, the reasoning
+    loses its end); "shortened" (q2ra: the reasoning loses its last tokens, so that the answer
+    line and the end-of-turn token stay); "dropped" (a classifier whose label cannot stay: ids
+    are empty). A classifier never trains on a reply cut before its label: it would learn not
+    to answer."""
     ids, mask = tokenizer.render(example_messages(task, row))
     if len(ids) <= max_seq_len:
         return {"input_ids": ids, "target_mask": mask, "fit": "whole"}
-    if task == "rgen":
+    over_limit = get_task(task).over_limit
+    if over_limit == "cut":
         fit = "cut" if any(mask[:max_seq_len]) else "dropped"
         return {"input_ids": ids[:max_seq_len], "target_mask": mask[:max_seq_len], "fit": fit}
-    if task == "q2ra":
+    if over_limit == "shortened":
         reasoning = tokenizer.encode(_field(row, "reasoning").strip())
         keep = len(reasoning) - (len(ids) - max_seq_len)
         while keep > 0:  # re-encoding the shortened text can merge tokens differently: check, retry
@@ -113,23 +152,12 @@ def encode_example(tokenizer: Tokenizer, task: str, row: dict, max_seq_len: int)
     return {"input_ids": [], "target_mask": [], "fit": "dropped"}
 
 
-def answer_line(label: str) -> str:
-    """The q2ra target's last line."""
-    return f"{ANSWER_PREFIX} {label}"
-
-
 def reply_budget(tokenizer: Tokenizer, task: str, reasoning_tokens: int = DEFAULT_REASONING_TOKENS) -> int:
     """max_new_tokens that a reply of `task` needs, its end-of-turn token included, so that a
     model that reproduces its training targets is never cut off: q2ra, the stage-2 reasoning
-    cap (reasoning_tokens) plus the longest answer line; q2a, the longest label; rgen, the
-    reasoning cap."""
-    if task == "rgen":
-        return reasoning_tokens
-    if task == "q2a":  # room for a few words around the label, as a stray "Emotion: joy."
-        return max(8, 1 + max(len(tokenizer.encode(label)) for label in LABELS))
-    if task == "q2ra":
-        return reasoning_tokens + 1 + max(len(tokenizer.encode("\n" + answer_line(label))) for label in LABELS)
-    raise ValueError(f"unknown task '{task}' (expected one of {', '.join(TASKS)})")
+    cap (reasoning_tokens) plus the longest answer line; q2a, the longest label, but at least 8;
+    rgen, the reasoning cap."""
+    return get_task(task).budget(tokenizer, reasoning_tokens)
 
 
 # ----------------------------------------------------------------------------- examples and batches
@@ -157,7 +185,7 @@ def load_examples(task: str, source, tokenizer: Tokenizer, max_seq_len: int, max
     be: counts of what was cut, shortened, dropped or skipped, stage 2's reasoning cap (q2ra) and
     the reply budget (max_new_tokens) that the model's replies need. See train.TrainConfig for
     what each argument means."""
-    if task == "rgen":
+    if get_task(task).rows == "reasoning-gen":
         # Streamed: 350k rows (3 GB) never sit in memory as text. Every k-th example is held out,
         # so that validation, like training, covers the whole set (the rows come in the set's order).
         limit = max_examples + val_examples if max_examples else None
@@ -170,15 +198,15 @@ def load_examples(task: str, source, tokenizer: Tokenizer, max_seq_len: int, max
         val_set, skipped = [ex for i, ex in enumerate(examples) if i in held_out], rows.skipped
         reasoning_tokens = None
     else:
-        train_rows = emotion_rows(task, source, "train", skip_bad)
+        train_rows = emotion_rows(get_task(task).rows, source, "train", skip_bad)
         skipped, val_rows, reasoning_tokens = train_rows.skipped, None, train_rows.settings.get("max_new_tokens")
         if val_examples and val_source:
-            val_rows = emotion_rows(task, val_source, "validation", skip_bad)
+            val_rows = emotion_rows(get_task(task).rows, val_source, "validation", skip_bad)
             skipped += val_rows.skipped
             val_rows = val_rows[:val_examples]
         elif val_examples and not Path(source).is_file():  # a single file is one split only
             try:
-                val_rows = emotion_rows("q2a", source, "validation", skip_bad)
+                val_rows = emotion_rows("emotion", source, "validation", skip_bad)
                 skipped += val_rows.skipped
                 val_rows = val_rows[:val_examples]
             except FileNotFoundError:
@@ -202,11 +230,11 @@ def load_examples(task: str, source, tokenizer: Tokenizer, max_seq_len: int, max
                                 "max_new_tokens": budget}
 
 
-def emotion_rows(task: str, source, split: str, skip_bad: bool) -> readers.Rows:
-    """q2a/q2ra rows of one split, in id order; for q2ra a file is stage 2's output, which holds
-    the reasoning. Id order, not file order: stage 2 writes rows as they finish, shortest texts
-    first, so that the first N rows of its file would be another set than q2a's first N."""
-    if task == "q2ra" and Path(source).is_file():
+def emotion_rows(kind: str, source, split: str, skip_bad: bool) -> readers.Rows:
+    """Emotion rows of one split, in id order; kind "augmented": a file is stage 2's output, which
+    holds the reasoning. Id order, not file order: stage 2 writes rows as they finish, shortest
+    texts first, so that the first N rows of its file would be another set than q2a's first N."""
+    if kind == "augmented" and Path(source).is_file():
         rows = readers.read_augmented(source, skip_bad=skip_bad)
     else:
         rows = readers.read_emotion(source, split, skip_bad=skip_bad)

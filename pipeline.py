@@ -33,7 +33,8 @@ import train
 from files import write_atomic, write_json
 from generate import SamplingConfig
 from runtime import one_line_errors, option, parse_config
-from train import DEFAULT_MAX_SEQ_LEN, TrainConfig
+from data import TASKS
+from train import TrainConfig
 
 PAPER = {"q2a": 0.497, "q2ra": 0.584}  # accuracies the paper reports on the test split
 
@@ -52,9 +53,9 @@ class PipelineConfig:
     emotion_data: str = option("dair-ai/emotion", "emotion data: folder, file or hub id")
     rgen_examples: int = option(20_000, "stage-1 subset of reasoning-gen rows")
     rgen_epochs: float = option(1.0, "stage-1 epochs")
-    rgen_max_seq_len: int = option(DEFAULT_MAX_SEQ_LEN["rgen"], "stage-1 token limit per example")
+    rgen_max_seq_len: int = option(TASKS["rgen"].max_seq_len, "stage-1 token limit per example")
     cls_epochs: float = option(TRAIN.epochs, "stage-3 epochs (q2a and q2ra alike)")
-    cls_max_seq_len: int = option(DEFAULT_MAX_SEQ_LEN["q2ra"], "stage-3 token limit per example")
+    cls_max_seq_len: int = option(TASKS["q2ra"].max_seq_len, "stage-3 token limit per example")
     val_examples: int = option(TRAIN.val_examples, "stage-3 validation rows (the lowest ids of the split), "
                                "for the validation loss that picks best/; stage 2 writes their reasoning too")
     lr: float = option(TRAIN.lr, "peak learning rate of every fine-tune")

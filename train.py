@@ -73,7 +73,7 @@ from runtime import (all_sum, barrier, distributed, is_main, option, parse_confi
 class TrainConfig:
     task: str = field(metadata={"help": "rgen (stage 1: question + answer -> reasoning), q2a (text -> emotion) "
                                         "or q2ra (text -> reasoning + 'Emotion: <label>')",
-                                "choices": data.TASKS})
+                                "choices": tuple(data.TASKS)})
     data: str = field(metadata={"help": "rgen: reasoning-gen folder or hub id; q2a: emotion folder, file or hub "
                                         "id; q2ra: the stage-2 jsonl (text, label, reasoning)"})
     out: str = field(metadata={"help": "run folder: train_config.json, metrics.jsonl, loss.png, best/, last/"})
@@ -124,10 +124,9 @@ class TrainConfig:
         for f in fields(self):
             if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
                 raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(f.metadata['choices'])}")
-        self.max_seq_len = self.max_seq_len or DEFAULT_MAX_SEQ_LEN[self.task]
+        self.max_seq_len = self.max_seq_len or data.TASKS[self.task].max_seq_len
 
 
-DEFAULT_MAX_SEQ_LEN = {"rgen": 1024, "q2a": 512, "q2ra": 512}
 # Fields that may change on --resume: they do not change the training trajectory.
 RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "device", "compile"}
 
