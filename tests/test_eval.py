@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import checkpoint
-from eval import compare, evaluate, reply_logprobs, score_labels, write_report
+from eval import compare, evaluate, reply_logprobs, score_labels
+from report import write_report
 from metrics import (COLUMNS, LABELS, UNPARSED, bootstrap_diff_ci, classification_metrics, confusion_matrix,
                      mcnemar_exact, parse_label)
 from tokenizer import Tokenizer, build_tokenizer
