@@ -27,9 +27,12 @@ LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]  # dair-ai/emot
 # ----------------------------------------------------------------------------- readers
 
 class Rows(list):
-    """A list of rows; `skipped` counts the bad rows that skip_bad=True left out."""
-    skipped = 0
-    settings: dict = {}  # read_augmented: stage 2's settings
+    """A list of rows; `skipped` counts the bad rows that skip_bad=True left out, and `settings`
+    holds what made the file, where it says (read_augmented: stage 2's sidecar)."""
+
+    def __init__(self, rows=(), skipped: int = 0, settings: dict | None = None):
+        super().__init__(rows)
+        self.skipped, self.settings = skipped, settings or {}
 
 
 class RowStream:
@@ -143,9 +146,8 @@ def _parse_files(files: list[Path], parser_for: Callable, skip_bad: bool, wanted
 
 
 def _collect(stream: RowStream) -> Rows:
-    rows = Rows(stream)
-    rows.skipped = stream.skipped
-    return rows
+    rows = list(stream)  # read whole first: the skipped count is final only then
+    return Rows(rows, stream.skipped)
 
 
 def _local_or_download(source, **patterns) -> Path:

@@ -49,8 +49,8 @@ def read_predictions(path) -> list[dict]:
 def write_report(out_dir, predictions: list[dict], meta: dict) -> dict:
     """Write predictions.jsonl, report.json, report.md and confusion_matrix.png (if matplotlib
     is installed) to out_dir; return the report. `predictions` rows hold id, text, gold,
-    predicted, raw, n_tokens, hit_limit (the reply reached max_new_tokens); `meta` describes the run (task, model, data, split, scoring,
-    wall_time_s, ...) and is copied into the report."""
+    predicted, raw, n_tokens, hit_limit (the reply reached max_new_tokens); `meta` describes
+    the run (task, model, data, split, scoring, wall_time_s, ...) and is copied into the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = classification_metrics([p["gold"] for p in predictions], [p["predicted"] for p in predictions])

@@ -141,7 +141,7 @@ def test_save_is_atomic_and_writes_the_files_given(tmp_path):
     assert (tmp_path / "out" / "extra.bin").read_bytes() == b"\x00"
 
 
-def test_from_pretrained_dtype_and_config_fields(tmp_path):
+def test_load_model_dtype_and_config_fields(tmp_path):
     _, _ = make_pair(tmp_path)
     model = checkpoint.load_model(tmp_path / "hf", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
