@@ -17,12 +17,11 @@ file is the one a single process writes (rows in another order).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 import zlib
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -32,10 +31,11 @@ import data as data_lib
 import readers
 from readers import settings_path
 from files import write_atomic, write_json
-from generate import EAGER, Decoder, SamplingConfig, add_sampling_args, compiled_decoder, generate_stream, sampling_config
+from generate import EAGER, Decoder, GenerationFlags, SamplingConfig, compiled_decoder, generate_stream
 from model import Llama
 from tokenizer import Tokenizer
-from runtime import all_sum, barrier, distributed, one_line_errors, rank_and_world, resolve_device_dtype
+from runtime import (all_sum, barrier, distributed, one_line_errors, option, parse_config, rank_and_world,
+                     resolve_device_dtype)
 
 # ----------------------------------------------------------------------------- prompts and rows
 
@@ -262,27 +262,26 @@ def write_rows(part: Path, rows: list[dict], model_dir, cfg: SamplingConfig, bat
 
 # ----------------------------------------------------------------------------- command line
 
+@dataclass(kw_only=True)
+class AugmentFlags(GenerationFlags):
+    model: str = field(metadata={"help": "the stage-1 checkpoint folder (or hub id)"})
+    data: str = field(metadata={"help": "emotion source (folder, file or hub id)"})
+    out: str = field(metadata={"help": "output jsonl; resumed if it exists"})
+    split: str = option("train", "split of --data")
+    batch_size: int = option(32, "rows decoded together; finished rows' places go to the next ones")
+    limit: int = option(0, "only the first N rows (0: all)")
+    force: bool = option(False, "resume --out even if its settings differ")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description="Stage 2: a reasoning for every emotion row of --data's --split, written to --out "
-                    "as resumable jsonl.",
-        epilog="Defaults are greedy decoding (deterministic, reproducible). Rerun a command to resume it. "
-               "On N GPUs: 'torchrun --nproc-per-node N augment.py ...': each rank writes OUT.part-RANK, "
-               "merged into OUT at the end; a rerun resumes on any number of ranks.")
-    p.add_argument("--model", required=True, help="the stage-1 checkpoint folder (or hub id)")
-    p.add_argument("--data", required=True, help="emotion source (folder, file or hub id)")
-    p.add_argument("--split", default="train", help="split of --data (default train)")
-    p.add_argument("--out", required=True, help="output jsonl; resumed if it exists")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="rows decoded together; finished rows' places go to the next ones (default 32)")
-    p.add_argument("--limit", type=int, help="only the first N rows")
-    p.add_argument("--force", action="store_true", help="resume --out even if its settings differ")
-    add_sampling_args(p)
-    args = p.parse_args(argv)
+    args = parse_config(AugmentFlags, argv, __doc__.split("\n\n")[0] + " Defaults are greedy decoding "
+                        "(deterministic, reproducible). Rerun a command to resume it. On N GPUs: 'torchrun "
+                        "--nproc-per-node N augment.py ...': each rank writes OUT.part-RANK, merged into OUT at "
+                        "the end; a rerun resumes on any number of ranks.")
     with one_line_errors("augment.py", "interrupted; rerun the same command to resume"), \
-            distributed(args.device or "") as device:  # joins torchrun's group, if launched by it
-        augment(args.model, args.data, args.split, args.out, sampling_config(args), args.batch_size, args.limit,
-                args.force, device, args.dtype, compile=args.compile)
+            distributed(args.device) as device:  # joins torchrun's group, if launched by it
+        augment(args.model, args.data, args.split, args.out, args.sampling(), args.batch_size, args.limit,
+                args.force, device, args.dtype or None, compile=args.compile)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ of temperature, top-k and top-p that our tests compare against).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -37,7 +36,7 @@ import checkpoint
 from data import DEFAULT_REASONING_TOKENS
 from model import KVCache, Llama
 from tokenizer import Tokenizer
-from runtime import DTYPES, one_line_errors, resolve_device_dtype
+from runtime import DTYPES, one_line_errors, option, parse_config, resolve_device_dtype
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -295,42 +294,43 @@ def stream_reply(model: Llama, tokenizer, messages: list[dict], cfg: SamplingCon
 
 # ----------------------------------------------------------------------------- command line
 
-def add_sampling_args(p: argparse.ArgumentParser):
+@dataclass(kw_only=True)
+class GenerationFlags:
     """The sampling, device and compile flags that generate.py and augment.py share."""
-    p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens,
-                   help=f"reply length cap (default {SamplingConfig.max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling streams (default 0)")
-    p.add_argument("--device", help="default: cuda if available, else cpu (under torchrun: the GPU LOCAL_RANK)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPU)")
+    max_new_tokens: int = option(SamplingConfig.max_new_tokens, "reply length cap")
+    temperature: float = option(SamplingConfig.temperature, "0 = greedy")
+    top_k: int = option(SamplingConfig.top_k, "sample among the k most likely tokens (0 = off)")
+    top_p: float = option(SamplingConfig.top_p, "nucleus sampling mass (1.0 = off)")
+    seed: int = option(SamplingConfig.seed, "seed of the sampling streams")
+    device: str = option("", "cuda, cuda:N or cpu; empty: cuda if available, else cpu (under torchrun: the GPU "
+                         "LOCAL_RANK)")
+    dtype: str = option("", "fp32, bf16 or fp16; empty: bf16 on cuda, fp32 on cpu", choices=("", *DTYPES))
+    compile: bool = option(False, "torch.compile the decode step (for GPU)")
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.seed)
 
 
-def sampling_config(args) -> SamplingConfig:
-    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+@dataclass(kw_only=True)
+class ChatFlags(GenerationFlags):
+    model: str = field(metadata={"help": "checkpoint folder (or hub id) with tokenizer files"})
+    prompt: str = field(metadata={"help": "one user message; the reply is printed as it is generated"})
+    system: str = option("", "system message")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description="Chat with a model: one user message, the reply streamed as it is generated.",
-        epilog="Defaults are greedy decoding (deterministic, reproducible). Stage 2 is augment.py.")
-    p.add_argument("--model", required=True, help="checkpoint folder (or hub id) with tokenizer files")
-    p.add_argument("--prompt", required=True, help="one user message; the reply is printed as it is generated")
-    p.add_argument("--system", help="system message")
-    add_sampling_args(p)
-    args = p.parse_args(argv)
-
+    args = parse_config(ChatFlags, argv, "Chat with a model: one user message, the reply streamed as it is "
+                                         "generated. Defaults are greedy decoding (deterministic, reproducible). "
+                                         "Stage 2 is augment.py.")
     with one_line_errors("generate.py"):
-        cfg = sampling_config(args)
-        device, dtype = resolve_device_dtype(args.device, args.dtype)
+        device, dtype = resolve_device_dtype(args.device or None, args.dtype or None)
         folder = checkpoint.resolve_checkpoint(args.model)
         model = checkpoint.load_model(folder, dtype, device).eval()
         tokenizer = Tokenizer(folder)
         decoder = compiled_decoder(device) if args.compile else EAGER
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        stream_reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], cfg, decoder=decoder)
+        stream_reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], args.sampling(),
+                     decoder=decoder)
 
 
 if __name__ == "__main__":
