@@ -120,7 +120,7 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
 
 def run_train(settings: dict, folder: Path, cfg: PipelineConfig):
     # An interrupted run continues (also one stopped between the two renames of a save: train.recover_last).
-    resume = any(folder.glob("last/train_state.pt")) or any(folder.glob(".last.old-*/train_state.pt"))
+    resume = (folder / "last" / "train_state.pt").is_file() or any(folder.glob(".last.old-*/train_state.pt"))
     train.train(train.TrainConfig(**settings, out=str(folder), device=cfg.device, compile=cfg.compile,
                                   resume=resume))
 

@@ -28,7 +28,7 @@ def distributed(device: str = ""):
     """Under torchrun (RANK is set), join its process group for the duration: NCCL on CUDA, where
     LOCAL_RANK picks the GPU, gloo on CPU. Otherwise there is one process and nothing to join.
     Yields the device this process uses."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     if "RANK" not in os.environ:
         yield device
         return
@@ -94,9 +94,14 @@ def say(who: str, msg: str):
 
 # ----------------------------------------------------------------------------- devices
 
+def default_device(device=None) -> str:
+    """The device asked for, else cuda when there is one, else cpu."""
+    return str(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
     """Defaults: cuda if available, else cpu; bf16 on cuda, fp32 on cpu."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     elif isinstance(dtype, str):

@@ -63,8 +63,8 @@ from checkpoint import resolve_checkpoint
 from files import write_json
 from model import Llama
 from tokenizer import Tokenizer
-from runtime import (all_sum, barrier, distributed, is_main, option, parse_config, rank_and_world, say,
-                     sum_gradients)
+from runtime import (all_sum, barrier, default_device, distributed, is_main, option, parse_config,
+                     rank_and_world, say, sum_gradients)
 
 
 # ----------------------------------------------------------------------------- config
@@ -259,7 +259,7 @@ def setup(cfg: TrainConfig) -> Run:
     # seed and device
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(default_device(cfg.device))
 
     # data
     base_dir = resolve_checkpoint(cfg.model)

@@ -75,6 +75,7 @@ from files import write_json
 from measure import (SIDES, decode_fns, emotion_texts, figure, flop_params, interleaved, load, prefill_fns,
                      random_ids, scaled, stage2_fns, train_both, weight_read_fn, worker_main)
 from model import Llama
+from runtime import default_device
 from tokenizer import CHAT_TOKENS, Tokenizer, build_tokenizer
 
 # A quarter of Llama-3.2-1B in every width (hidden 2048, MLP 8192, 32/8 heads, vocab 128256), 4 of
@@ -97,7 +98,7 @@ def parse_args(argv=None):
     src.add_argument("--model", help="checkpoint folder: its weights (and its tokenizer, if it has one)")
     src.add_argument("--config", help="a config.json: random weights with its shapes (default: DEFAULT_CONFIG, "
                                       "a quarter of Llama-3.2-1B's widths, 4 layers)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", choices=DTYPES, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
     p.add_argument("--batch", type=int, default=8, help="rows of the headline training and prefill figures")
