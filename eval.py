@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from files import write_json
-from metrics import LABELS, bootstrap_diff_ci, mcnemar_exact, parse_label
+from metrics import LABELS, bootstrap_diff_ci, mcnemar_exact, parse_label, wilson_interval
 from report import read_predictions, write_report
 from tokenizer import Tokenizer
 
@@ -39,8 +39,8 @@ TASKS = ("q2a", "q2ra")  # the classifiers
 # ----------------------------------------------------------------------------- compare
 
 def compare(path_a, path_b, n_boot: int = 10000, seed: int = 0) -> dict:
-    """Compare two prediction files of the same examples: accuracies, B - A with its paired
-    bootstrap 95% CI, and McNemar's exact p. Files whose ids or gold labels differ are refused."""
+    """Compare two prediction files of the same examples: accuracies with their 95% Wilson
+    intervals, B - A with its paired bootstrap 95% CI, and McNemar's exact p. Files whose ids or gold labels differ are refused."""
     rows_a, rows_b = _by_id(path_a), _by_id(path_b)
     for i in rows_a:
         if i not in rows_b:
@@ -59,6 +59,8 @@ def compare(path_a, path_b, n_boot: int = 10000, seed: int = 0) -> dict:
     return {
         "a": str(path_a), "b": str(path_b), "n": len(ids),
         "accuracy_a": float(correct_a.mean()), "accuracy_b": float(correct_b.mean()),
+        "accuracy_ci95_a": list(wilson_interval(int(correct_a.sum()), len(ids))),
+        "accuracy_ci95_b": list(wilson_interval(int(correct_b.sum()), len(ids))),
         "diff": float(correct_b.mean() - correct_a.mean()), "ci95": [lo, hi], "n_boot": n_boot,
         "only_a_correct": int(np.sum(correct_a & ~correct_b)),
         "only_b_correct": int(np.sum(~correct_a & correct_b)),

@@ -129,6 +129,17 @@ def mcnemar_exact(correct_a, correct_b) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy of correct/n. Unlike p +- z*sqrt(p(1-p)/n) it
+    stays inside [0, 1] and does not shrink to nothing at 0 % or 100 %."""
+    if n <= 0:
+        raise ValueError(f"an accuracy interval needs at least one example (got n={n})")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def bootstrap_diff_ci(correct_a, correct_b, n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:
     """Paired bootstrap 95% percentile CI of accuracy(B) - accuracy(A).
 

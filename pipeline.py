@@ -23,7 +23,7 @@ import json
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import augment
@@ -32,11 +32,13 @@ import generate
 import train
 from files import write_atomic, write_json
 from generate import SamplingConfig
+from report import plot_accuracies
 from runtime import one_line_errors, option, parse_config
 from data import TASKS
 from train import TrainConfig
 
 PAPER = {"q2a": 0.497, "q2ra": 0.584}  # accuracies the paper reports on the test split
+DEMO_OUT = "runs/demo"
 
 
 # Every default that a stage has already is taken from it (TrainConfig, SamplingConfig), never copied.
@@ -71,10 +73,9 @@ class PipelineConfig:
     compile: bool = option(False, "torch.compile the training blocks and the decode step of stages 2 and 4 "
                            "(for a GPU; results agree to float rounding)")
     seed: int = option(TRAIN.seed, "seed of every stage")
-    demo: bool = option(False, "run the embedded CPU demo: a tiny model and generated data, no download; "
-                        "mechanics, not results")
-    demo_rows: int = option(600, "demo: emotion training rows generated")
-    demo_epochs: float = option(15.0, "demo: epochs of every fine-tune")
+    demo: bool = option(False, "run the embedded CPU demo: a tiny model and a generated world, no download; "
+                        "the demo sets the other options, except those given on the command line")
+    demo_rows: int = option(600, "demo: emotion training rows generated (the stage-1 corpus has twice as many)")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -154,7 +155,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.demo:
         import demo
-        cfg = replace(cfg, **demo.prepare(out, cfg.demo_rows, cfg.demo_epochs, cfg.seed))
+        if cfg.base_model != demo.settings(out, cfg.demo_rows, cfg.seed)["base_model"]:
+            raise ValueError("a demo run takes the demo's settings: build it with pipeline.demo_config()")
+        demo.prepare(out, cfg.demo_rows, cfg.seed)
     run_ids = {}
     for spec in stage_specs(cfg, out):
         name, folder = spec["name"], out / spec["name"]
@@ -185,6 +188,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     return summary
 
 
+def demo_config(out: str = DEMO_OUT, demo_rows: int = PipelineConfig.demo_rows, seed: int = PipelineConfig.seed,
+                **changes) -> PipelineConfig:
+    """The demo's configuration: the demo's settings in place of the defaults, then `changes`."""
+    import demo
+    return PipelineConfig(**{**demo.settings(out, demo_rows, seed), **changes},
+                          out=out, demo=True, demo_rows=demo_rows, seed=seed)
+
+
 def portable(settings: dict, out: Path) -> dict:
     """Settings as a marker records them: JSON types, paths inside OUT written as $OUT/...,
     so a run folder can be moved or copied and still be recognised."""
@@ -209,20 +220,24 @@ def points(x: float) -> str:
 def summarize(out: Path, cfg: PipelineConfig) -> dict:
     reports = {task: json.loads((out / f"eval_{task}" / "report.json").read_text()) for task in ("q2a", "q2ra")}
     cmp = json.loads((out / "compare" / "compare.json").read_text())
+    intervals = {"q2a": cmp["accuracy_ci95_a"], "q2ra": cmp["accuracy_ci95_b"]}
     lines = []
     if cfg.demo:
-        lines += ["**DEMO**: a tiny random model trained for seconds on generated data. These numbers show "
-                  "that the mechanics work end to end; they are not the paper's result.", ""]
-    lines += ["| classifier | accuracy | macro-F1 | unparsed | paper's accuracy |", "|---|---|---|---|---|"]
+        import demo
+        lines += [demo.EXPLANATION, ""]
+    lines += ["| classifier | accuracy (95% CI) | macro-F1 | unparsed | paper's accuracy |", "|---|---|---|---|---|"]
     for task in ("q2a", "q2ra"):
-        r = reports[task]
-        lines.append(f"| {task} | {r['accuracy']:.1%} | {r['macro_f1']:.1%} | {r['unparsed_share']:.1%} "
-                     f"| {PAPER[task]:.1%} |")
+        r, (lo, hi) = reports[task], intervals[task]
+        lines.append(f"| {task} | {r['accuracy']:.1%} ({lo:.1%} to {hi:.1%}) | {r['macro_f1']:.1%} "
+                     f"| {r['unparsed_share']:.1%} | {PAPER[task]:.1%} |")
     lo, hi = cmp["ci95"]
     f1_diff = reports["q2ra"]["macro_f1"] - reports["q2a"]["macro_f1"]
     lines.append(f"| q2ra - q2a | {points(cmp['diff'])} (95% CI {100 * lo:+.1f} to {100 * hi:+.1f}; "
                  f"McNemar exact p = {cmp['mcnemar_p']:.3g}, {cmp['n']} paired rows) | {points(f1_diff)} | "
                  f"| +8.7 points, p < .001 |")
+    title = f"q2ra - q2a: {points(cmp['diff'])}, McNemar p = {cmp['mcnemar_p']:.2g}" + (" (demo)" if cfg.demo else "")
+    if plot_accuracies(out / "summary.png", cmp, title=title):
+        lines += ["", "![accuracy of both classifiers with 95% intervals](summary.png)"]
     markdown = "\n".join(lines) + "\n"
     summary = dict(reports={t: {k: reports[t][k] for k in ("accuracy", "macro_f1", "unparsed_share")}
                             for t in reports}, compare=cmp, demo=cfg.demo, markdown=markdown)
@@ -235,7 +250,9 @@ def summarize(out: Path, cfg: PipelineConfig) -> dict:
 
 if __name__ == "__main__":
     cfg = parse_config(PipelineConfig, description=__doc__)
-    if cfg.demo and cfg.out == PipelineConfig.out:
-        cfg.out = "runs/demo"
+    if cfg.demo:  # the demo's settings replace the defaults; the flags given still win
+        demo_defaults = demo_config(out=DEMO_OUT if cfg.out == PipelineConfig.out else cfg.out,
+                                    demo_rows=cfg.demo_rows, seed=cfg.seed)
+        cfg = parse_config(PipelineConfig, description=__doc__, defaults=vars(demo_defaults))
     with one_line_errors("pipeline.py", "interrupted; run the same command again to continue"):
         run_pipeline(cfg)

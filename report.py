@@ -98,6 +98,31 @@ def plot_confusion(path, counts) -> bool:
     return True
 
 
+def plot_accuracies(path, comparison: dict, names=("q2a", "q2ra"), title: str = "") -> bool:
+    """Draw the two classifiers' accuracies with their 95% intervals (a compare() result) to a
+    PNG; False when matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    accuracies = [100 * comparison["accuracy_a"], 100 * comparison["accuracy_b"]]
+    intervals = [comparison["accuracy_ci95_a"], comparison["accuracy_ci95_b"]]
+    below = [acc - 100 * lo for acc, (lo, _) in zip(accuracies, intervals)]
+    above = [100 * hi - acc for acc, (_, hi) in zip(accuracies, intervals)]
+    fig = Figure(figsize=(4.5, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(names, accuracies, yerr=[below, above], capsize=8, color=["#9db4d6", "#2f5f9e"])
+    for i, acc in enumerate(accuracies):
+        ax.text(i, acc / 2, f"{acc:.1f}%", ha="center", color="white", fontweight="bold")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("test accuracy (%), with 95% interval")
+    ax.set_title(title, fontsize=9)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return True
+
+
 def render_markdown(report: dict, predictions: list[dict], png: bool) -> str:
     r = report
     mean_tokens = ("n/a (logprob scoring generates nothing)" if r["mean_new_tokens"] is None

@@ -122,20 +122,21 @@ def option(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-def parse_config(cls, argv=None, description: str = ""):
+def parse_config(cls, argv=None, description: str = "", defaults: dict | None = None):
     """cls(**flags): argparse flags generated from a config dataclass's fields, so that names,
     defaults and help have one source of truth. A bool field is a switch; a field without a
-    default is a required flag."""
+    default is a required flag. `defaults` replaces some fields' defaults (e.g. a preset)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        default = (defaults or {}).get(f.name, f.default)
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=help)
-        elif f.default is MISSING:
+            parser.add_argument(flag, action="store_true", default=default, help=help)
+        elif default is MISSING:
             parser.add_argument(flag, required=True, choices=f.metadata.get("choices"), help=help)
         else:
-            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default,
-                                choices=f.metadata.get("choices"), help=f"{help} (default: {f.default!r})")
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=default,
+                                choices=f.metadata.get("choices"), help=f"{help} (default: {default!r})")
     return cls(**vars(parser.parse_args(argv)))
 
 

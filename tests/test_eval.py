@@ -448,3 +448,13 @@ def test_evaluate_end_to_end(tmp_path):
         torch.compiler.reset()
     eager, compiled = ((tmp_path / name / "predictions.jsonl").read_text() for name in ("q2ra-generate-None", "compiled"))
     assert compiled == eager
+
+
+def test_wilson_interval_matches_the_formula_and_stays_in_bounds():
+    from metrics import wilson_interval
+    lo, hi = wilson_interval(8, 10)  # the textbook example: 8 of 10, z = 1.96
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(10, 10)[0] == pytest.approx(0.7225, abs=1e-4)
+    with pytest.raises(ValueError, match="n=0"):
+        wilson_interval(0, 0)

@@ -1,5 +1,5 @@
-"""The pipeline end to end on a reduced demo: every report file, skipping, reruns, refusals,
-and the README's commands."""
+"""The pipeline end to end on the demo: every report file, the gap the demo is built to show,
+skipping, reruns, refusals, and the README's commands."""
 import json
 import re
 import shutil
@@ -16,7 +16,8 @@ STAGES = ["rgen", "augment", "q2a", "q2ra", "eval_q2a", "eval_q2ra", "compare"]
 
 
 def small_demo(out) -> pipeline.PipelineConfig:
-    return pipeline.PipelineConfig(out=str(out), demo=True, demo_rows=96, demo_epochs=1)
+    """The README's demo (about three minutes on two cores): smaller worlds do not show the gap."""
+    return pipeline.demo_config(out=str(out))
 
 
 def run(cfg, capsys) -> tuple[dict, dict[str, str]]:
@@ -31,7 +32,7 @@ def run(cfg, capsys) -> tuple[dict, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """One reduced demo run shared by the tests below (each copies it before changing it)."""
+    """One demo run shared by the tests below (each copies it before changing it)."""
     out = tmp_path_factory.mktemp("demo") / "run"
     summary = pipeline.run_pipeline(small_demo(out))
     return out, summary
@@ -49,11 +50,12 @@ def test_demo_writes_every_report(demo_run):
         report = json.loads((out / f"eval_{task}" / "report.json").read_text())
         assert report["n"] == sum(1 for _ in open(out / f"eval_{task}" / "predictions.jsonl"))
     augmented = [json.loads(line) for line in open(out / "augment" / "train.jsonl")]
-    assert len({r["id"] for r in augmented}) == len(augmented) == 96
-    assert sum(1 for _ in open(out / "augment" / "validation.jsonl")) == 30  # the demo's whole validation split
+    assert len({r["id"] for r in augmented}) == len(augmented) == 600
+    assert sum(1 for _ in open(out / "augment" / "validation.jsonl")) == 75  # the demo's whole validation split
     q2ra_config = json.loads((out / "q2ra" / "train_config.json").read_text())
-    assert q2ra_config["train_examples"] == 96 and q2ra_config["val_examples"] == 30
-    assert (out / "summary.md").is_file() and "DEMO" in (out / "summary.md").read_text()
+    assert q2ra_config["train_examples"] == 600 and q2ra_config["val_examples"] == 75
+    assert (out / "summary.md").is_file() and "synthetic world" in (out / "summary.md").read_text()
+    assert (out / "summary.png").is_file() and "summary.png" in (out / "summary.md").read_text()
     # the q2ra reply budget: stage 2's cap plus the answer line, from the checkpoint, in the marker and report
     marker = json.loads((out / "eval_q2ra" / "stage.json").read_text())
     report = json.loads((out / "eval_q2ra" / "report.json").read_text())
@@ -63,6 +65,16 @@ def test_demo_writes_every_report(demo_run):
     assert marker["max_new_tokens_from"] == "$OUT/q2ra/best/generation_config.json"
     compare = json.loads((out / "compare" / "compare.json").read_text())
     assert set(summary["compare"]) >= {"diff", "ci95", "mcnemar_p"} and compare == summary["compare"]
+
+
+def test_the_demo_shows_the_gap(demo_run):
+    """The demo's world is built so that reasoning helps: at the default seed q2ra beats q2a by
+    at least 5 points, significantly, and each accuracy comes with its interval."""
+    cmp = demo_run[1]["compare"]
+    assert cmp["diff"] >= 0.05 and cmp["mcnemar_p"] < 0.05 and cmp["ci95"][0] > 0
+    for side in ("a", "b"):
+        lo, hi = cmp[f"accuracy_ci95_{side}"]
+        assert lo < cmp[f"accuracy_{side}"] < hi
 
 
 def test_rerun_skips_every_stage(demo_run, tmp_path, capsys):
@@ -87,7 +99,7 @@ def test_other_settings_are_refused(demo_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(demo_run[0], out)
     cfg = small_demo(out)
-    cfg.demo_epochs = 2
+    cfg.rgen_epochs = 2.0
     with pytest.raises(SystemExit, match=r"rgen was made with other settings \(epochs\)"):
         pipeline.run_pipeline(cfg)
 
