@@ -40,7 +40,8 @@ TASKS = ("q2a", "q2ra")  # the classifiers
 
 def compare(path_a, path_b, n_boot: int = 10000, seed: int = 0) -> dict:
     """Compare two prediction files of the same examples: accuracies with their 95% Wilson
-    intervals, B - A with its paired bootstrap 95% CI, and McNemar's exact p. Files whose ids or gold labels differ are refused."""
+    intervals, B - A with its paired bootstrap 95% CI, and McNemar's exact p. Files whose ids or
+    gold labels differ are refused."""
     rows_a, rows_b = _by_id(path_a), _by_id(path_b)
     for i in rows_a:
         if i not in rows_b:
