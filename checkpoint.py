@@ -160,9 +160,11 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Llama:
     return model.to(device)  # moves the fp32 rope table; the weights are already there
 
 
-def save_model(model: Llama, out_dir, files: dict | None = None, max_shard_bytes=5 * 2**30) -> Path:
+def save_model(model: Llama, out_dir, files: dict | None = None, state: dict | None = None,
+               max_shard_bytes=5 * 2**30) -> Path:
     """Write config.json + safetensors (sharded above max_shard_bytes) in HF names, plus
     `files` (name -> str or bytes: the tokenizer's, see tokenizer.Tokenizer.serving_files).
+    `state`: the tensors to write, if not model.state_dict() (LoRA's merged weights).
     Atomic: written to a temporary folder, then renamed."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -171,9 +173,9 @@ def save_model(model: Llama, out_dir, files: dict | None = None, max_shard_bytes
         config = config_to_hf(model.config)
         config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        state = {hf_name(n): t.detach().contiguous().cpu() for n, t in model.state_dict().items()
-                 if not (model.config.tie_word_embeddings and n == "lm_head.weight")}
-        write_safetensors(tmp, state, max_shard_bytes)
+        tensors = {hf_name(n): t.detach().contiguous().cpu() for n, t in (state or model.state_dict()).items()
+                   if not (model.config.tie_word_embeddings and n == "lm_head.weight")}
+        write_safetensors(tmp, tensors, max_shard_bytes)
         for name, content in (files or {}).items():
             (tmp / name).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
         replace_dir(tmp, out_dir)

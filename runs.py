@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import lora
 from checkpoint import replace_dir
 from files import write_atomic
 from model import Llama
@@ -43,12 +44,14 @@ def set_rng_state(state: dict):
 
 
 def save_last(out: Path, model: Llama, optimizer, progress: dict, files: dict):
-    """OUT/last = the model (Hugging Face layout) + train_state.pt (optimizer, step, data position,
-    RNG, best validation loss). Both are written into a staging folder that then replaces OUT/last
-    in one rename, so a crash mid-save leaves the previous OUT/last whole and consistent."""
+    """OUT/last = the model (Hugging Face layout, LoRA adapters merged) + train_state.pt (optimizer,
+    step, data position, RNG, best validation loss, the adapters alone). Both are written into a
+    staging folder that then replaces OUT/last in one rename, so a crash mid-save leaves the
+    previous OUT/last whole and consistent."""
     staging = out / ".last.staging"
-    checkpoint.save_model(model, staging, files)
-    torch.save({**progress, "optimizer": optimizer.state_dict(), "rng": rng_state()}, staging / "train_state.pt")
+    checkpoint.save_model(model, staging, files, state=lora.merged_state(model))
+    torch.save({**progress, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                "adapters": lora.adapter_state(model)}, staging / "train_state.pt")
     replace_dir(staging, out / "last")
 
 

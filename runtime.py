@@ -76,6 +76,8 @@ def sum_gradients(model: torch.nn.Module):
     if not dist.is_initialized():
         return
     for p in model.parameters():
+        if not p.requires_grad:  # frozen (LoRA's base): no gradient to share
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)

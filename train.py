@@ -34,8 +34,10 @@ for models that do not fit one GPU, such as the 3B and 8B ones, is not implement
 Precision: with --dtype bf16 the weights, gradients and AdamW state stay fp32 (the master
 copy) and only the forward/backward matmuls run in bf16 under autocast. A bf16 weight cannot
 take an update below ~1/256 of its size, so lr 1e-5 steps would mostly round away; fp32
-masters keep them. Llama-3.2-1B then needs 4 + 4 + 8 bytes per parameter = ~20 GB plus
-activations: one 80 GB GPU.
+masters keep them, at 4 + 4 + 8 bytes per parameter (~20 GB for Llama-3.2-1B before
+activations). --dtype bf16-pure keeps everything in bf16 (8 bytes per parameter) and rounds
+each update stochastically instead, so that small updates survive on average (optim.py);
+--optimizer-in-backward then drops the gradients' 2 bytes too.
 
 References: Karpathy's nanoGPT (train.py); Loshchilov & Hutter 2019 (AdamW, cosine schedule);
 Chen et al. 2016 (gradient checkpointing); Micikevicius et al. 2018 (mixed precision with
@@ -58,10 +60,12 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import lora
 import runs
 from checkpoint import resolve_checkpoint
 from files import write_json
 from model import Llama
+from optim import build_optimizer, lr_at, optimizer_step
 from tokenizer import Tokenizer
 from runtime import (all_sum, barrier, default_device, distributed, is_main, option, parse_config,
                      rank_and_world, say, sum_gradients)
@@ -104,8 +108,19 @@ class TrainConfig:
     warmup_ratio: float = option(0.03, "linear warm-up over this fraction of the optimizer steps")
     weight_decay: float = option(0.01, "AdamW weight decay, on weight matrices only (never on norms)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
-    dtype: str = option("bf16", "bf16: autocast matmuls with fp32 master weights and AdamW state; fp32: all fp32",
-                    choices=("bf16", "fp32"))
+    dtype: str = option("bf16", "bf16: autocast matmuls with fp32 master weights and AdamW state (16 bytes per "
+                    "parameter); bf16-pure: weights, gradients and AdamW state in bf16, updated with stochastic "
+                    "rounding (8 bytes); fp32: all fp32", choices=("bf16", "bf16-pure", "fp32"))
+    optimizer_in_backward: bool = option(False, "update each parameter as soon as its gradient is complete and free "
+                                     "that gradient, so the full set of gradients never exists (saves 2 bytes per "
+                                     "parameter in bf16-pure, 4 in fp32); needs --grad-accum 1 (so one process: ranks share "
+                                     "a step's micro-batches) and --grad-clip 0 (no global norm to clip by)")
+    lora_rank: int = option(0, "LoRA: train a rank-R update beside each targeted linear layer while the model "
+                        "stays frozen in the run's dtype (bf16 for bf16 and bf16-pure); the adapters train in fp32. "
+                        "best/ and last/ hold the merged weights, best-adapter/ and last-adapter/ the adapter "
+                        "alone in PEFT's layout (0: a full fine-tune)")
+    lora_alpha: float = option(16.0, "LoRA: the update is scaled by alpha / rank")
+    lora_targets: str = option(",".join(lora.TARGETS), "LoRA: the linear layers of each block that get an adapter")
     grad_checkpointing: bool = option(False, "recompute each block's activations in the backward pass: "
                                   "less memory, about a third more compute")
     compile: bool = option(False, "torch.compile each decoder block (inductor): fused elementwise kernels, "
@@ -125,6 +140,12 @@ class TrainConfig:
             if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
                 raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(f.metadata['choices'])}")
         self.max_seq_len = self.max_seq_len or data.TASKS[self.task].max_seq_len
+        if self.optimizer_in_backward and self.grad_accum != 1:
+            raise ValueError(f"--optimizer-in-backward steps at every backward pass, so it cannot accumulate "
+                             f"gradients over micro-batches: pass --grad-accum 1 (not {self.grad_accum})")
+        if self.optimizer_in_backward and self.grad_clip:
+            raise ValueError("--optimizer-in-backward updates each parameter before the other gradients exist, "
+                             "so the global gradient norm cannot be clipped: pass --grad-clip 0")
 
 
 # Fields that may change on --resume: they do not change the training trajectory.
@@ -147,13 +168,13 @@ def log(msg: str):
 # every rank: the copies never drift apart, and no parameters need to be exchanged.
 
 
-def loss_sum(model: Llama, batch: data.Batch, bf16: bool) -> torch.Tensor:
+def loss_sum(model: Llama, batch: data.Batch, autocast: bool) -> torch.Tensor:
     """Summed cross-entropy (fp32) of the target tokens of one micro-batch.
 
     Right padding only trails real tokens, so plain causal attention (attention_mask=None,
     the fast path) is exact for every real token. Only the positions with a loss go through
     the output head: with a 128k vocabulary, the full (B, T, vocab) logits would dominate memory."""
-    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         h = model.hidden_states(batch.input_ids)                            # (B, T, d)
         h = h.flatten(0, 1).index_select(0, batch.loss_pos)                 # (N, d)
         logits = model.lm_head(h)                                           # (N, vocab)
@@ -166,7 +187,7 @@ def count_targets(micro_batches: list[data.Batch]) -> int:
     return sum(len(b.targets) for b in micro_batches)
 
 
-def forward_backward(model: Llama, micro_batches: list[data.Batch], bf16: bool) -> float:
+def forward_backward(model: Llama, micro_batches: list[data.Batch], autocast: bool) -> float:
     """Accumulate the gradient of one optimizer step: the same as one forward/backward of the
     concatenated batch. Returns the step's loss per target token. Under torchrun micro_batches
     are this rank's share of the step, and every rank ends with the gradient of the whole step."""
@@ -175,7 +196,7 @@ def forward_backward(model: Llama, micro_batches: list[data.Batch], bf16: bool) 
     n_targets, = all_sum([count_targets(micro_batches)], device)
     total = 0.0
     for batch in micro_batches:
-        loss = loss_sum(model, batch, bf16)
+        loss = loss_sum(model, batch, autocast)
         (loss / n_targets).backward()
         total += loss.detach()
     sum_gradients(model)
@@ -185,49 +206,24 @@ def forward_backward(model: Llama, micro_batches: list[data.Batch], bf16: bool) 
 
 def train_step(model: Llama, optimizer, micro_batches: list[data.Batch], lr: float, cfg: TrainConfig) -> tuple[float, float]:
     """One optimizer step at learning rate lr; returns the loss per target token and the
-    gradient norm before clipping (both floats: this waits for the GPU, once per step)."""
+    gradient norm before clipping (both floats: this waits for the GPU, once per step). With
+    --optimizer-in-backward the parameters are updated during forward_backward already."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss = forward_backward(model, micro_batches, cfg.dtype == "bf16")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, float(grad_norm)
+    return loss, optimizer_step(optimizer, model.parameters(), cfg.grad_clip)
 
 
 @torch.no_grad()
-def validation_loss(model: Llama, batches: list[data.Batch], bf16: bool) -> float:
+def validation_loss(model: Llama, batches: list[data.Batch], autocast: bool) -> float:
     """Loss per target token over the whole validation set (under torchrun: batches is this
     rank's share of it)."""
     was_training = model.training
     model.eval()
-    total = sum(float(loss_sum(model, b, bf16)) for b in batches)
+    total = sum(float(loss_sum(model, b, autocast)) for b in batches)
     model.train(was_training)
     total, count = all_sum([total, count_targets(batches)], model.embed_tokens.weight.device)
     return total / count
-
-
-# ----------------------------------------------------------------------------- optimizer and schedule
-
-def build_optimizer(model: Llama, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on the matrices (embeddings, projections) only: decaying norm gains
-    towards 0 would shrink activations, which is not the regularisation we want."""
-    params = [p for p in model.parameters() if p.requires_grad]   # a tied matrix appears once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # The fused kernel updates every tensor in one pass (5x faster than the per-tensor loop on CPU).
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
-
-
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up to lr, then cosine decay
-    to lr * min_lr_ratio at the last step."""
-    warmup = round(cfg.warmup_ratio * total_steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - 1 - warmup)           # 0 -> 1
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    return min_lr + (cfg.lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ----------------------------------------------------------------------------- training
@@ -244,6 +240,7 @@ class Run:
     pad_id: int
     validate: bool                      # there are validation examples (on some rank)
     files: dict                         # saved with every checkpoint (Tokenizer.serving_files)
+    base_model: str                     # cfg.model, named in LoRA adapters' configs
     total_steps: int                    # what the lr schedule spans
     stop_step: int
     progress: dict                      # step, epoch, index (step within the epoch), best_val_loss, elapsed_s
@@ -285,16 +282,17 @@ def setup(cfg: TrainConfig) -> Run:
         f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in the schedule, stopping at {stop_step}; "
         f"replies up to {data_counts['max_new_tokens']} tokens (the checkpoints' max_new_tokens)")
 
-    # model
-    model = training_model(out / "last" if cfg.resume else base_dir, cfg, device)
+    # model (LoRA resumes from the base: last/ holds merged weights, train_state.pt the adapters)
+    model = training_model(out / "last" if cfg.resume and not cfg.lora_rank else base_dir, cfg, device)
 
     # optimizer, and where the run stands
-    optimizer = build_optimizer(model, cfg, device)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optimizer_in_backward, device)
     progress = {"step": 0, "epoch": 0, "index": 0, "best_val_loss": math.inf, "elapsed_s": 0.0}
     if cfg.resume:
         state = runs.load_train_state(out, device)
         optimizer.load_state_dict(state.pop("optimizer"))
         runs.set_rng_state(state.pop("rng"))
+        lora.load_adapter_state(model, state.pop("adapters"))
         progress = state
         log(f"resumed at step {progress['step']} (epoch {progress['epoch']}, step {progress['index']} of it)")
     if rank == 0:
@@ -302,7 +300,7 @@ def setup(cfg: TrainConfig) -> Run:
     # Saved with every checkpoint: the tokenizer, our chat template and the reply budget.
     files = tokenizer.serving_files(max_new_tokens=data_counts["max_new_tokens"])
     return Run(out, device, model, optimizer, train_set, val_batches, tokenizer.pad_id, bool(val_set), files,
-               total_steps, stop_step, progress)
+               cfg.model, total_steps, stop_step, progress)
 
 
 def check_run_folder(cfg: TrainConfig, out: Path, world: int):
@@ -318,15 +316,23 @@ def check_run_folder(cfg: TrainConfig, out: Path, world: int):
 
 
 def training_model(path: Path, cfg: TrainConfig, device: torch.device) -> Llama:
-    """The model to train, with fp32 weights (the master copy under bf16 autocast)."""
-    model = checkpoint.load_model(path, dtype=torch.float32, device=device)
+    """The model to train: fp32 weights (the master copy under bf16 autocast), or bf16 ones for
+    bf16-pure; with LoRA, frozen in bf16 (fp32 under --dtype fp32) with fp32 adapters."""
+    frozen_bf16 = cfg.lora_rank and cfg.dtype != "fp32"
+    dtype = torch.bfloat16 if cfg.dtype == "bf16-pure" or frozen_bf16 else torch.float32
+    model = checkpoint.load_model(path, dtype=dtype, device=device)
+    if cfg.lora_rank:
+        adapted = lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"LoRA rank {cfg.lora_rank} on {len(adapted)} layers: {trainable / 1e6:.2f}M trainable parameters")
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
     if cfg.compile:
         for block in model.layers:  # in place: parameter names, and so checkpoints, stay as they are
             block.compile()
-    log(f"{model.num_params() / 1e6:.1f}M parameters in fp32"
-        + (" (bf16 autocast for the matmuls)" if cfg.dtype == "bf16" else ""))
+    log(f"{model.num_params() / 1e6:.1f}M parameters in {str(dtype).removeprefix('torch.')}"
+        + (" (bf16 autocast for the matmuls)" if cfg.dtype == "bf16" else "")
+        + (", each updated in the backward pass" if cfg.optimizer_in_backward else ""))
     return model
 
 
@@ -336,16 +342,22 @@ def epoch_steps(cfg: TrainConfig, train_set: list[data.Example], epoch: int) -> 
                                 cfg.length_chunk, cfg.seed, epoch)
 
 
-def evaluate_and_keep_best(run: Run, bf16: bool) -> dict:
+def evaluate_and_keep_best(run: Run, autocast: bool) -> dict:
     """The validation loss (the same on every rank); a new best is saved as OUT/best."""
     if not run.validate:
         return {}
-    val_loss = validation_loss(run.model, run.val_batches, bf16)
+    val_loss = validation_loss(run.model, run.val_batches, autocast)
     if val_loss < run.progress["best_val_loss"]:
         run.progress["best_val_loss"] = val_loss
         if is_main():
-            checkpoint.save_model(run.model, run.out / "best", run.files)
+            save_checkpoint(run, "best")
     return {"val_loss": val_loss}
+
+
+def save_checkpoint(run: Run, name: str):
+    """OUT/best: the model as a Hugging Face folder (adapters merged), and with LoRA the adapter alone."""
+    checkpoint.save_model(run.model, run.out / name, run.files, state=lora.merged_state(run.model))
+    lora.save_peft(run.model, run.out / f"{name}-adapter", run.base_model)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -363,7 +375,7 @@ def train(cfg: TrainConfig) -> Path:
                 progress.update(epoch=progress["epoch"] + 1, index=0)
                 steps = epoch_steps(cfg, run.train_set, progress["epoch"])
             t0 = time.perf_counter()
-            lr = lr_at(progress["step"], cfg, run.total_steps)
+            lr = lr_at(progress["step"], run.total_steps, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio)
             micro_batches = [data.collate([run.train_set[i] for i in ids], run.pad_id).to(run.device)
                              for ids in steps[progress["index"]][rank::world]]  # this rank's share of the step
             loss, grad_norm = train_step(run.model, run.optimizer, micro_batches, lr, cfg)
@@ -387,6 +399,7 @@ def train(cfg: TrainConfig) -> Path:
             if step % cfg.save_every == 0 or step == run.stop_step or stopping:
                 if rank == 0:
                     runs.save_last(run.out, run.model, run.optimizer, progress, run.files)
+                    lora.save_peft(run.model, run.out / "last-adapter", run.base_model)
                 barrier()  # no rank exits (which would make torchrun stop rank 0) before the save is whole
             if stopping:
                 bar.close()
@@ -401,7 +414,7 @@ def finish(run: Run):
     """Without validation the final model is the best we know; the closing line and loss.png."""
     if is_main():
         if not run.validate:
-            checkpoint.save_model(run.model, run.out / "best", run.files)
+            save_checkpoint(run, "best")
         log(f"done at step {run.progress['step']}: best validation loss {run.progress['best_val_loss']:.4f}, "
             f"{run.progress['elapsed_s'] / 60:.1f} min in all; best checkpoint: {run.out / 'best'}")
         runs.plot_losses(run.out)

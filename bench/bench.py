@@ -16,7 +16,7 @@ training torch's fused AdamW (its Trainer's default, adamw_torch_fused). The fig
 
   train      tokens/s of one optimizer step on B rows of T tokens, every next token a target
              (--target-frac < 1 leaves a prompt share without loss, as in SFT; ours then sends only
-             the target positions through the output head). Ours: data.collate + train.build_optimizer
+             the target positions through the output head). Ours: data.collate + optim.build_optimizer
              + train.train_step (loss_sum, backward, clip, AdamW). Transformers: forward(labels=...),
              backward, the same clipping, AdamW(fused=True) with the same settings. bf16 means autocast
              over fp32 master weights on both sides, as in train.py.

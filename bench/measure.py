@@ -21,6 +21,7 @@ import augment
 import checkpoint
 import data
 import generate
+import optim
 import train
 from model import Llama
 
@@ -257,8 +258,8 @@ def train_step_fn(model, spec: dict, cfg: train.TrainConfig):
     ids = random_ids(B, T, model.config.vocab_size, spec["seed"])
     is_target = torch.zeros(B, T, dtype=torch.bool)
     is_target[:, T - max(1, round(spec["target_frac"] * T)):] = True
-    # Both sides: train.py's AdamW, fused (also the Trainer's default, adamw_torch_fused), decay on matrices only.
-    optimizer = train.build_optimizer(model, cfg, torch.device(device))
+    # Both sides: optim.py's AdamW, fused (also the Trainer's default, adamw_torch_fused), decay on matrices only.
+    optimizer = optim.build_optimizer(model, cfg.lr, cfg.weight_decay, False, torch.device(device))
     if spec["side"] == "ours":
         batch = data.collate([data.Example(row, mask) for row, mask in zip(ids, is_target)], pad_id=0).to(device)
         return lambda: train.train_step(model, optimizer, [batch], cfg.lr, cfg)[0]

@@ -94,6 +94,17 @@ def test_two_ranks_train_what_one_process_trains_and_resume(assets, tmp_path):
     assert_close_runs(tmp_path / "two", cfg.out)
 
 
+def test_two_ranks_train_lora_adapters_as_one_process(assets, tmp_path):
+    """Only the adapters' gradients are summed over the ranks (the frozen base has none)."""
+    cfg = run_config(assets, tmp_path / "one", max_examples=34, grad_accum=4, epochs=2, lr=3e-2, eval_every=1,
+                     lora_rank=2, lora_targets="q_proj,down_proj")
+    train.train(cfg)
+    two = replace(cfg, out=str(tmp_path / "two"))
+    finish(torchrun("train.py", *cli_args(two)))
+    assert_close_runs(two.out, cfg.out)
+    assert (tmp_path / "two" / "best-adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_grad_accum_must_be_shared_evenly(assets, tmp_path):
     proc = torchrun("train.py", *cli_args(run_config(assets, tmp_path, grad_accum=3)))
     output = proc.communicate(timeout=120)[0]

@@ -1,6 +1,6 @@
 """train.py on tiny random models, on CPU: the loss positions, gradient accumulation, parity with
 transformers' loss, overfitting, exact resume (in process, after SIGINT and after SIGKILL),
-the optimizer groups and schedule, and the CLI end to end.
+and the CLI end to end (the optimizer and the schedule: test_optim.py).
 
 Everything is built in tmp dirs (tokenizers by build_tokenizer, models by tiny.tiny_llama):
 no downloads. Torch runs on one thread here: tiny matmuls are faster that way on a shared 2-core
@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import data
 import runs
@@ -110,7 +111,7 @@ def trajectory(out) -> list[tuple]:
 
 def grads(model, micro_batches):
     model.zero_grad(set_to_none=True)
-    loss = train.forward_backward(model, micro_batches, bf16=False)
+    loss = train.forward_backward(model, micro_batches, autocast=False)
     return loss, [p.grad.clone() for p in model.parameters()]
 
 
@@ -251,7 +252,7 @@ def test_loss_matches_transformers(assets, chat_format):
     tokenizer = Tokenizer(folder)
     batch = data.collate(examples_of("q2ra", tokenizer, assets.rows[:6]), tokenizer.pad_id)
     with torch.no_grad():
-        ours = train.loss_sum(checkpoint.load_model(folder), batch, bf16=False) / len(batch.targets)
+        ours = train.loss_sum(checkpoint.load_model(folder), batch, autocast=False) / len(batch.targets)
         T = batch.input_ids.shape[1]
         labels = torch.full_like(batch.input_ids, -100).flatten()
         labels[batch.loss_pos + 1] = batch.targets  # HF shifts the labels itself
@@ -286,7 +287,7 @@ def test_tiny_model_overfits_tiny_dataset(assets, tmp_path, grad_checkpointing):
     tokenizer = Tokenizer(best)
     val_set = examples_of("q2a", tokenizer, assets.rows[48:60])
     batches = [data.collate(val_set[i:i + 4], tokenizer.pad_id) for i in range(0, len(val_set), 4)]
-    assert train.validation_loss(checkpoint.load_model(best), batches, bf16=False) == pytest.approx(min(val), rel=1e-5)
+    assert train.validation_loss(checkpoint.load_model(best), batches, autocast=False) == pytest.approx(min(val), rel=1e-5)
 
 
 def test_compiled_blocks_train_like_eager_ones(assets, tmp_path, uninterrupted, fresh_dynamo):
@@ -300,32 +301,6 @@ def test_compiled_blocks_train_like_eager_ones(assets, tmp_path, uninterrupted, 
         assert ours[2:5] == pytest.approx(eager[2:5], rel=1e-4)  # loss, lr, gradient norm
     assert checkpoint.load_model(tmp_path / "last").state_dict().keys() == \
         checkpoint.load_model(Path(uninterrupted) / "last").state_dict().keys()
-
-
-# ----------------------------------------------------------------------------- optimizer and schedule
-
-@pytest.mark.parametrize("chat_format", ["llama3", "chatml"])
-def test_weight_decay_only_on_matrices(assets, chat_format):
-    model = checkpoint.load_model(assets.model[chat_format])
-    optimizer = train.build_optimizer(model, TrainConfig(task="q2a", data="", out="", weight_decay=0.1),
-                                      torch.device("cpu"))
-    decay, no_decay = optimizer.param_groups
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if "norm" in n}
-    assert all(p.dim() == 2 for p in decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied: once
-
-
-def test_lr_schedule_warmup_then_cosine():
-    cfg = TrainConfig(task="q2a", data="", out="", lr=1e-3, warmup_ratio=0.1, min_lr_ratio=0.1)
-    lr = [train.lr_at(step, cfg, total_steps=101) for step in range(101)]
-    assert lr[0] == pytest.approx(1e-4) and lr[4] == pytest.approx(5e-4) and lr[9] == pytest.approx(1e-3)
-    assert lr[10] == pytest.approx(1e-3)                       # cosine starts at the peak,
-    assert lr[55] == pytest.approx(0.55e-3)                    # is halfway down halfway,
-    assert lr[100] == pytest.approx(1e-4)                      # and ends at lr * min_lr_ratio
-    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
-    assert train.lr_at(0, replace(cfg, warmup_ratio=0.0), 101) == pytest.approx(1e-3)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -357,6 +332,48 @@ def test_resume_continues_exactly(assets, tmp_path, uninterrupted, stop_at):
     assert len(metrics(tmp_path)) == stop_at
     train.train(replace(cfg, resume=True))
     assert_same_run(tmp_path, uninterrupted, extra_eval_at=stop_at)
+
+
+@pytest.mark.parametrize("memory_saving", [dict(dtype="bf16-pure"),
+                                           dict(dtype="bf16-pure", optimizer_in_backward=True, grad_accum=1,
+                                                grad_clip=0.0)])
+def test_bf16_pure_trains_and_resumes_exactly(assets, tmp_path, memory_saving):
+    """bf16 weights and AdamW state (stochastic rounding draws from the saved RNG), with or without
+    the optimizer in the backward pass: the loss falls, checkpoints are bf16, and a run stopped
+    and resumed is the uninterrupted one bit for bit."""
+    cfg = run_config(assets, tmp_path / "whole", lr=1e-2, epochs=3, **memory_saving)
+    train.train(cfg)
+    losses = [row["loss"] for row in metrics(cfg.out)]
+    assert losses[-1] < 0.5 * losses[0]
+    saved = load_file(tmp_path / "whole" / "last" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    split = replace(cfg, out=str(tmp_path / "split"))
+    train.train(replace(split, max_steps=7))
+    train.train(replace(split, resume=True))
+    assert_same_run(split.out, cfg.out, extra_eval_at=7)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16-pure"])
+def test_lora_trains_saves_merged_checkpoints_and_resumes_exactly(assets, tmp_path, dtype):
+    """Only the adapters train (the base stays as it was), with gradient checkpointing; best/ and
+    last/ are plain checkpoints with the adapters merged, *-adapter/ the adapter alone, and a run
+    stopped and resumed (from the base and train_state.pt's adapters) is the uninterrupted one."""
+    cfg = run_config(assets, tmp_path / "whole", lr=3e-2, epochs=3, lora_rank=4, lora_alpha=8.0,
+                     lora_targets="q_proj,v_proj,up_proj", grad_checkpointing=True, dtype=dtype)
+    train.train(cfg)
+    losses = [row["loss"] for row in metrics(cfg.out)]
+    assert losses[-1] < 0.93 * losses[0]  # a frozen tiny random head caps the logits: it falls from ~ln(vocab)
+    base = checkpoint.load_model(assets.model["llama3"]).state_dict()
+    last = checkpoint.load_model(tmp_path / "whole" / "last").state_dict()
+    changed = {name for name in base if not torch.equal(base[name].to(torch.bfloat16), last[name].to(torch.bfloat16))}
+    assert changed == {f"layers.{i}.{part}.weight" for i in range(2)
+                       for part in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")}
+    adapter = load_file(tmp_path / "whole" / "best-adapter" / "adapter_model.safetensors")
+    assert len(adapter) == 2 * 6 and all(t.dtype == torch.float32 for t in adapter.values())
+    split = replace(cfg, out=str(tmp_path / "split"))
+    train.train(replace(split, max_steps=7))
+    train.train(replace(split, resume=True))
+    assert_same_run(split.out, cfg.out, extra_eval_at=7)
 
 
 def test_resume_refuses_a_different_run(assets, tmp_path, uninterrupted):
@@ -482,7 +499,7 @@ def test_help_documents_every_flag(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name in vars(TrainConfig(task="q2a", data="", out="")):
         assert "--" + name.replace("_", "-") in text
-    assert "(default: 1e-05)" in text and "{bf16,fp32}" in text
+    assert "(default: 1e-05)" in text and "{bf16,bf16-pure,fp32}" in text
 
 
 def test_cli_flags_round_trip():
