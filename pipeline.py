@@ -69,7 +69,14 @@ class PipelineConfig:
     eval_max_new_tokens: int = option(0, "stage-4 reply budget (0: each checkpoint's own, which covers its "
                                       "longest training reply: for q2ra the stage-2 cap plus the answer line)")
     device: str = option(TRAIN.device, "cuda or cpu (default: cuda when available)")
-    dtype: str = option(TRAIN.dtype, "bf16 or fp32 (training keeps fp32 master weights)")
+    dtype: str = option(TRAIN.dtype, "training: bf16 (fp32 master weights), bf16-pure (bf16 weights and AdamW "
+                        "state, stochastic rounding) or fp32; stages 2 and 4 generate in bf16 (fp32 for fp32)",
+                        choices=("bf16", "bf16-pure", "fp32"))
+    optimizer_in_backward: bool = option(TRAIN.optimizer_in_backward, "stages 1 and 3: update each parameter "
+                                         "in the backward pass (needs --grad-accum 1; no gradient clipping)")
+    lora_rank: int = option(TRAIN.lora_rank, "stages 1 and 3: LoRA adapters of this rank instead of a full "
+                            "fine-tune (0); the checkpoints hold the merged weights")
+    lora_alpha: float = option(TRAIN.lora_alpha, "LoRA: the update is scaled by alpha / rank")
     compile: bool = option(False, "torch.compile the training blocks and the decode step of stages 2 and 4 "
                            "(for a GPU; results agree to float rounding)")
     seed: int = option(TRAIN.seed, "seed of every stage")
@@ -83,7 +90,11 @@ class PipelineConfig:
 def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
     """Each stage: name, the stages it reads from, the settings that define its output, and a runner."""
     train_common = dict(model=cfg.base_model, lr=cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                        dtype=cfg.dtype, seed=cfg.seed)
+                        dtype=cfg.dtype, optimizer_in_backward=cfg.optimizer_in_backward, lora_rank=cfg.lora_rank,
+                        lora_alpha=cfg.lora_alpha, seed=cfg.seed)
+    if cfg.optimizer_in_backward:  # no global gradient norm exists to clip by
+        train_common["grad_clip"] = 0.0
+    generation_dtype = "fp32" if cfg.dtype == "fp32" else "bf16"
     augmented = out / "augment" / "train.jsonl"
     augmented_val = out / "augment" / "validation.jsonl"
     return [
@@ -93,7 +104,7 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
         # The training split, and the validation rows that q2ra checks its loss on.
         dict(name="augment", inputs=["rgen"], run=run_augment,
              settings=dict(model=str(out / "rgen" / "best"), data=cfg.emotion_data,
-                           max_new_tokens=cfg.augment_max_new_tokens, dtype=cfg.dtype, seed=cfg.seed,
+                           max_new_tokens=cfg.augment_max_new_tokens, dtype=generation_dtype, seed=cfg.seed,
                            train_out=str(augmented), validation_out=str(augmented_val),
                            validation_rows=cfg.val_examples)),
         dict(name="q2a", inputs=[], run=run_train,
@@ -108,11 +119,11 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
         dict(name="eval_q2a", inputs=["q2a"], run=run_eval,
              settings=dict(model=str(out / "q2a" / "best"), task="q2a", data=cfg.emotion_data, split="test",
                            limit=cfg.eval_limit or None, max_new_tokens=cfg.eval_max_new_tokens or None,
-                           dtype=cfg.dtype)),
+                           dtype=generation_dtype)),
         dict(name="eval_q2ra", inputs=["q2ra"], run=run_eval,
              settings=dict(model=str(out / "q2ra" / "best"), task="q2ra", data=cfg.emotion_data, split="test",
                            limit=cfg.eval_limit or None, max_new_tokens=cfg.eval_max_new_tokens or None,
-                           dtype=cfg.dtype)),
+                           dtype=generation_dtype)),
         dict(name="compare", inputs=["eval_q2a", "eval_q2ra"], run=run_compare,
              settings=dict(a=str(out / "eval_q2a" / "predictions.jsonl"),
                            b=str(out / "eval_q2ra" / "predictions.jsonl"))),
