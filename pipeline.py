@@ -77,6 +77,8 @@ class PipelineConfig:
     lora_rank: int = option(TRAIN.lora_rank, "stages 1 and 3: LoRA adapters of this rank instead of a full "
                             "fine-tune (0); the checkpoints hold the merged weights")
     lora_alpha: float = option(TRAIN.lora_alpha, "LoRA: the update is scaled by alpha / rank")
+    grad_checkpointing: bool = option(TRAIN.grad_checkpointing, "stages 1 and 3: recompute activations in the "
+                                      "backward pass (less memory, about a third more compute; results equal to float rounding)")
     compile: bool = option(False, "torch.compile the training blocks and the decode step of stages 2 and 4 "
                            "(for a GPU; results agree to float rounding)")
     seed: int = option(TRAIN.seed, "seed of every stage")
@@ -134,7 +136,7 @@ def run_train(settings: dict, folder: Path, cfg: PipelineConfig):
     # An interrupted run continues (also one stopped between the two renames of a save: train.recover_last).
     resume = (folder / "last" / "train_state.pt").is_file() or any(folder.glob(".last.old-*/train_state.pt"))
     train.train(train.TrainConfig(**settings, out=str(folder), device=cfg.device, compile=cfg.compile,
-                                  resume=resume))
+                                  grad_checkpointing=cfg.grad_checkpointing, resume=resume))
 
 
 def run_augment(settings: dict, folder: Path, cfg: PipelineConfig):

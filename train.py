@@ -53,14 +53,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 from tqdm import tqdm
 
 import checkpoint
 import data
 import lora
+import memory
 import runs
 from checkpoint import resolve_checkpoint
 from files import write_json
@@ -149,7 +152,7 @@ class TrainConfig:
 
 
 # Fields that may change on --resume: they do not change the training trajectory.
-RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "device", "compile"}
+RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "device", "compile", "grad_checkpointing"}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -168,17 +171,31 @@ def log(msg: str):
 # every rank: the copies never drift apart, and no parameters need to be exchanged.
 
 
+LOSS_CHUNK = 256  # with gradient checkpointing, the positions whose logits exist at once
+
+
 def loss_sum(model: Llama, batch: data.Batch, autocast: bool) -> torch.Tensor:
     """Summed cross-entropy (fp32) of the target tokens of one micro-batch.
 
     Right padding only trails real tokens, so plain causal attention (attention_mask=None,
     the fast path) is exact for every real token. Only the positions with a loss go through
-    the output head: with a 128k vocabulary, the full (B, T, vocab) logits would dominate memory."""
+    the output head: with a 128k vocabulary, the full (B, T, vocab) logits would dominate memory.
+    Even so, 2,048 reply tokens make 3.7 GB of logits in bf16 and fp32: with gradient
+    checkpointing they are also computed LOSS_CHUNK positions at a time, and again in the
+    backward pass instead of being kept."""
     with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         h = model.hidden_states(batch.input_ids)                            # (B, T, d)
         h = h.flatten(0, 1).index_select(0, batch.loss_pos)                 # (N, d)
-        logits = model.lm_head(h)                                           # (N, vocab)
-    return F.cross_entropy(logits.float(), batch.targets, reduction="sum")
+    if not (model.gradient_checkpointing and model.training) or len(h) <= LOSS_CHUNK:
+        return head_loss(model.lm_head, h, batch.targets, autocast)
+    return sum(recompute_in_backward(head_loss, model.lm_head, h_chunk, targets, autocast, use_reentrant=False)
+               for h_chunk, targets in zip(h.split(LOSS_CHUNK), batch.targets.split(LOSS_CHUNK)))
+
+
+def head_loss(lm_head: torch.nn.Linear, h: torch.Tensor, targets: torch.Tensor, autocast: bool) -> torch.Tensor:
+    with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = lm_head(h)                                                 # (N, vocab)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def count_targets(micro_batches: list[data.Batch]) -> int:
@@ -241,6 +258,8 @@ class Run:
     validate: bool                      # there are validation examples (on some rank)
     files: dict                         # saved with every checkpoint (Tokenizer.serving_files)
     base_model: str                     # cfg.model, named in LoRA adapters' configs
+    memory_estimate: int                # bytes, for the largest micro-batch (memory_plan)
+    peak_memory: Callable[[], int]      # bytes held at most since setup() began (memory.memory_probe)
     total_steps: int                    # what the lr schedule spans
     stop_step: int
     progress: dict                      # step, epoch, index (step within the epoch), best_val_loss, elapsed_s
@@ -257,6 +276,7 @@ def setup(cfg: TrainConfig) -> Run:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = torch.device(default_device(cfg.device))
+    peak_memory = memory.memory_probe(device)  # what the run adds to the process, from here on
 
     # data
     base_dir = resolve_checkpoint(cfg.model)
@@ -272,15 +292,18 @@ def setup(cfg: TrainConfig) -> Run:
     val_order = sorted(val_set, key=lambda ex: len(ex.ids))  # sorted: least padding
     val_batches = [data.collate(val_order[s:s + cfg.batch_size], tokenizer.pad_id).to(device)
                    for s in range(0, len(val_order), cfg.batch_size)][rank::world]  # this rank's share
+    planned = memory_plan(cfg, checkpoint.config_from_json(base_dir / "config.json"), train_set, device)
     if rank == 0:
         write_json(out / "train_config.json", {
             "config": asdict(cfg), "prompt_version": data.PROMPT_VERSION, "train_examples": len(train_set),
             "val_examples": len(val_set), **data_counts, "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps, "examples_per_step": cfg.batch_size * cfg.grad_accum, "ranks": world,
-            "device": str(device), "torch": torch.__version__})
+            "device": str(device), "torch": torch.__version__, "memory_estimate": planned})
     log(f"{cfg.task}: {len(train_set)} training / {len(val_set)} validation examples, "
         f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in the schedule, stopping at {stop_step}; "
         f"replies up to {data_counts['max_new_tokens']} tokens (the checkpoints' max_new_tokens)")
+    log(f"memory estimate for the largest micro-batch ({planned['batch']} x {planned['seq']} tokens, "
+        f"{planned['targets']} with a loss): " + ", ".join(f"{k} {memory.readable(v)}" for k, v in planned["bytes"].items()))
 
     # model (LoRA resumes from the base: last/ holds merged weights, train_state.pt the adapters)
     model = training_model(out / "last" if cfg.resume and not cfg.lora_rank else base_dir, cfg, device)
@@ -300,7 +323,22 @@ def setup(cfg: TrainConfig) -> Run:
     # Saved with every checkpoint: the tokenizer, our chat template and the reply budget.
     files = tokenizer.serving_files(max_new_tokens=data_counts["max_new_tokens"])
     return Run(out, device, model, optimizer, train_set, val_batches, tokenizer.pad_id, bool(val_set), files,
-               cfg.model, total_steps, stop_step, progress)
+               cfg.model, planned["bytes"]["total"], peak_memory, total_steps, stop_step, progress)
+
+
+def memory_plan(cfg: TrainConfig, model_config, train_set: list[data.Example], device: torch.device) -> dict:
+    """memory.estimate for the micro-batch of the first epoch that needs the most (all epochs
+    hold the same examples, so the same largest one, give or take the grouping)."""
+    lengths = [len(ex.ids) for ex in train_set]
+    targets = [int(ex.is_target.sum()) for ex in train_set]
+    plans = []
+    for ids in (micro for step in epoch_steps(cfg, train_set, epoch=0) for micro in step):
+        shape = {"batch": len(ids), "seq": max(lengths[i] for i in ids), "targets": sum(targets[i] for i in ids)}
+        plans.append({**shape, "bytes": memory.estimate(
+            model_config, **shape, dtype=cfg.dtype, optimizer_in_backward=cfg.optimizer_in_backward,
+            lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets.split(","),
+            grad_checkpointing=cfg.grad_checkpointing, loss_chunk=LOSS_CHUNK, device=device.type)})
+    return max(plans, key=lambda plan: plan["bytes"]["total"])
 
 
 def check_run_folder(cfg: TrainConfig, out: Path, world: int):
@@ -387,6 +425,7 @@ def train(cfg: TrainConfig) -> Path:
             tokens, targets, stopping = all_sum([sum(b.n_tokens for b in micro_batches),
                                                  count_targets(micro_batches), stop.is_set()], run.device)
             row = {"step": step, "epoch": progress["epoch"], "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "peak_memory_bytes": run.peak_memory(),
                    "tokens_per_s": tokens / dt, "target_tokens_per_s": targets / dt}
             if step % cfg.eval_every == 0 or step == run.stop_step:
                 row.update(evaluate_and_keep_best(run, cfg.dtype == "bf16"))
@@ -415,6 +454,9 @@ def finish(run: Run):
     if is_main():
         if not run.validate:
             save_checkpoint(run, "best")
+        log(f"peak memory {memory.readable(run.peak_memory())} "
+            f"({'allocated on the GPU' if run.device.type == 'cuda' else 'resident'}, since setup began); "
+            f"estimated {memory.readable(run.memory_estimate)} for the largest micro-batch")
         log(f"done at step {run.progress['step']}: best validation loss {run.progress['best_val_loss']:.4f}, "
             f"{run.progress['elapsed_s'] / 60:.1f} min in all; best checkpoint: {run.out / 'best'}")
         runs.plot_losses(run.out)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import augment
 import checkpoint
 import data
 import generate
+import memory
 import optim
 import train
 from model import Llama
@@ -238,7 +238,7 @@ def worker_main(spec: dict):
         model = train.training_model(Path(spec["model_dir"]), cfg, torch.device(device))
     else:
         model = load("transformers", Path(spec["model_dir"]), torch.float32, device).train()  # fp32 masters
-    peak = memory_probe(device)
+    peak = memory.memory_probe(torch.device(device))
     step = train_step_fn(model, spec, cfg)
     print(json.dumps({"ready": True}), file=reply, flush=True)
     for line in sys.stdin:
@@ -277,29 +277,6 @@ def train_step_fn(model, spec: dict, cfg: train.TrainConfig):
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
     return step
-
-
-def memory_probe(device: str):
-    """Start measuring peak memory now; the returned function gives the peak above this point."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        return lambda: torch.cuda.max_memory_allocated() - base
-    try:  # Linux: writing 5 resets the high-water mark VmHWM to the current RSS
-        Path("/proc/self/clear_refs").write_text("5")
-        base = proc_status("VmRSS")
-        return lambda: proc_status("VmHWM") - base
-    except OSError:  # elsewhere: the lifetime peak, which may be loading's
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-
-
-def proc_status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024  # kB
-    raise KeyError(key)
 
 
 class TrainWorker:

@@ -1,0 +1,96 @@
+"""Memory of a training step: memory.py's estimates for the Llama models people fine-tune, and a
+measurement of the real Llama-3.2-1B shapes on this machine beside its estimate.
+
+    python bench/memory_table.py              # the README's table: estimates for 1B, 3B and 8B at batch 8 x 512
+    python bench/memory_table.py --measure    # + two bf16-pure steps of the 1B shapes (random weights,
+                                        #   batch 1 x 128) on the CPU: peak RSS beside the estimate
+
+The table's micro-batch: 8 examples of 512 tokens whose second halves are replies (2,048
+positions with a loss, as a q2ra example's reasoning and label). LoRA: rank 16 on every linear
+layer of the blocks, the base frozen in bf16, autocast. Estimates, not measurements: the CUDA
+context and the allocator's slack come on top (typically 0.5-1 GB).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules, one folder up from here
+
+import data  # noqa: E402
+import memory  # noqa: E402
+import optim  # noqa: E402
+import train  # noqa: E402
+from model import Llama, LlamaConfig  # noqa: E402
+
+# The shapes of the public config.json files (rope scaling left out: it costs no memory).
+MODELS = {
+    "Llama-3.2-1B": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "Llama-3.2-3B": LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                                num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "Llama-3.1-8B": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+}
+MODES = {  # name -> memory.estimate's settings
+    "bf16, fp32 master": dict(dtype="bf16"),
+    "bf16-pure": dict(dtype="bf16-pure"),
+    "bf16-pure + optimizer in backward": dict(dtype="bf16-pure", optimizer_in_backward=True),
+    "LoRA r16, bf16 base": dict(dtype="bf16", lora_rank=16),
+}
+
+
+def table(batch=8, seq=512, targets=2048) -> str:
+    """Markdown: one row per model and mode, total GB with checkpointing off and on."""
+    lines = ["| model | training | checkpointing off | checkpointing on |", "|---|---|---:|---:|"]
+    for name, config in MODELS.items():
+        for mode, settings in MODES.items():
+            cells = [memory.estimate(config, batch, seq, targets, grad_checkpointing=ckpt,
+                                     loss_chunk=train.LOSS_CHUNK, **settings)["total"] / 1e9 for ckpt in (False, True)]
+            lines.append(f"| {name} | {mode} | {cells[0]:.1f} GB | {cells[1]:.1f} GB |")
+    return "\n".join(lines)
+
+
+def measure_1b(batch=1, seq=128, steps=2) -> dict:
+    """Two bf16-pure optimizer steps of the real 1B shapes (random weights) on the CPU, through
+    train.py's own forward_backward and optim.py's step; the peak beside the estimate."""
+    config, device = MODELS["Llama-3.2-1B"], torch.device("cpu")
+    peak = memory.memory_probe(device)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build the weights in bf16 at once, as load_model would
+    try:
+        model = Llama(config).train()
+    finally:
+        torch.set_default_dtype(default)
+    optimizer = optim.build_optimizer(model, 1e-5, 0.0, False, device)
+    gen = torch.Generator().manual_seed(0)
+    examples = [data.Example(torch.randint(0, config.vocab_size, (seq,), generator=gen, dtype=torch.int32),
+                             torch.arange(seq) >= seq // 2) for _ in range(batch)]
+    micro = data.collate(examples, pad_id=0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train.forward_backward(model, [micro], autocast=False)
+        optim.optimizer_step(optimizer, model.parameters(), grad_clip=1.0)
+    estimate = memory.estimate(config, batch, seq, len(micro.targets), "bf16-pure", device="cpu")["total"]
+    return {"measured_bytes": peak(), "estimate_bytes": estimate, "seconds": time.perf_counter() - start}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--measure", action="store_true", help="also measure the 1B shapes on this CPU (about 10 GB RAM)")
+    args = p.parse_args(argv)
+    print(table())
+    if args.measure:
+        result = measure_1b()
+        ratio = result["measured_bytes"] / result["estimate_bytes"]
+        print(f"\nLlama-3.2-1B shapes, bf16-pure, batch 1 x 128, two steps on this CPU: peak RSS "
+              f"{memory.readable(result['measured_bytes'])}, estimate {memory.readable(result['estimate_bytes'])} "
+              f"(measured / estimate = {ratio:.3f}), {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

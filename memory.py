@@ -1,0 +1,131 @@
+"""Memory a training run needs: an estimate before it starts, and the peak it measured.
+
+    estimate(config, ...)   bytes of weights, gradients, optimizer state, activations and logits for
+                            one micro-batch, from the shapes alone (no model is built)
+    memory_probe(device)    from now on, the peak above the memory held now: allocated CUDA memory
+                            on a GPU, the process's resident set size (RSS) on a CPU
+    readable(n)             bytes in decimal GB (or MB), the units GPU cards are sold in
+
+The estimate follows what this code keeps alive, per token of the micro-batch:
+- weights: 4 bytes per parameter (fp32, and bf16's fp32 masters) or 2 (bf16-pure); under LoRA the
+  frozen base in the run's dtype plus fp32 adapters;
+- gradients: the trainable parameters' dtype; with the optimizer in the backward pass only the
+  largest single gradient (the embedding's, which fills over the whole backward pass);
+- optimizer state: two AdamW moments per trainable parameter (fp32, or bf16 in bf16-pure);
+- activations: what autograd saves in one block (the two RMSNorms' fp32 inputs, the projections'
+  inputs, RoPE's fp32 tensors, attention's q, k, v and output, SwiGLU's four wide tensors), for
+  every block, or with gradient checkpointing only each block's input plus one block recomputed;
+  and once more for the activation gradients of the block the backward pass is in;
+- logits: the positions with a loss times the vocabulary, as logits, their fp32 copy, the saved
+  log-softmax and its gradient; with gradient checkpointing only a chunk of positions at a time;
+- the embedding's gradient as the backward pass forms it, before adding it to the parameter's
+  (on a CPU torch forms it in fp32 first): after the activations are gone, so the larger of the two
+  counts.
+Not counted: the framework itself (the CUDA context, the allocator's slack, Python), and the
+optimizer's temporaries, which live after the activations are gone.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+import lora
+from model import LlamaConfig
+
+
+def linear_shapes(c: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer of a block."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    d, f = c.hidden_size, c.intermediate_size
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+
+def parameter_count(c: LlamaConfig) -> int:
+    block = sum(i * o for i, o in linear_shapes(c).values()) + 2 * c.hidden_size
+    head = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
+    return c.vocab_size * c.hidden_size + head + c.num_hidden_layers * block + c.hidden_size
+
+
+def block_activation_bytes(c: LlamaConfig, autocast: bool, compute: int) -> int:
+    """Bytes autograd saves per token in one decoder block (see the module's docstring)."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    d, f = c.hidden_size, c.intermediate_size
+    norms = 2 * (4 * d + compute * d)                        # fp32 input and normalised output, twice
+    inputs = (3 if autocast else 1) * compute * d + (2 if autocast else 1) * compute * d  # autocast casts per layer
+    rope = 2 * 4 * (q + kv)                                  # fp32 q and k, and their rotated halves
+    attention = compute * (q + 2 * kv) + 2 * compute * q     # q, k, v; the output, and o_proj's input
+    swiglu = 4 * compute * f                                 # gate, silu(gate), up, and down_proj's input
+    return norms + inputs + rope + attention + swiglu
+
+
+def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, optimizer_in_backward: bool = False,
+             lora_rank: int = 0, lora_targets=lora.TARGETS, grad_checkpointing: bool = False,
+             loss_chunk: int = 0, device: str = "cuda") -> dict[str, int]:
+    """Bytes of each part of a training step's peak for a micro-batch of batch x seq tokens of which
+    `targets` carry a loss. dtype: bf16 (fp32 masters, autocast), bf16-pure or fp32. loss_chunk:
+    with gradient checkpointing, how many positions' logits exist at once (0: all). `total` adds
+    what lives together at the peak: the activations and logits are gone by the time the
+    embedding's gradient forms, at the very end of the backward pass."""
+    P, weight = parameter_count(c), (2 if dtype == "bf16-pure" else 4)
+    largest = c.vocab_size * c.hidden_size
+    if lora_rank:
+        shapes = linear_shapes(c)
+        trainable = c.num_hidden_layers * sum(lora_rank * (shapes[t][0] + shapes[t][1]) for t in lora_targets)
+        largest = max(lora_rank * shapes[t][1] for t in lora_targets)
+        weights = P * (4 if dtype == "fp32" else 2) + 4 * trainable
+        trainable_bytes = 4                                  # adapters are fp32
+    else:
+        trainable, weights, trainable_bytes = P, P * weight, weight
+    gradients = (largest if optimizer_in_backward else trainable) * trainable_bytes
+    optimizer = 2 * trainable * trainable_bytes
+
+    compute = 4 if dtype == "fp32" else 2
+    residual = 2 if dtype == "bf16-pure" or (lora_rank and dtype != "fp32") else 4
+    tokens = batch * seq
+    block = tokens * block_activation_bytes(c, dtype == "bf16", compute)
+    layers = c.num_hidden_layers
+    kept = layers * tokens * residual * c.hidden_size + block if grad_checkpointing else layers * block
+    activations = kept + block                               # + the gradients of one block's activations
+    rows = min(targets, loss_chunk) if grad_checkpointing and loss_chunk else targets
+    logits = rows * c.vocab_size * ((compute if compute != 4 else 0) + 12)
+    # The embedding's gradient is formed whole (and then added to the tied head's): on a CPU in fp32 first.
+    embedding_gradient = 0 if lora_rank else \
+        c.vocab_size * c.hidden_size * (trainable_bytes + (4 if device == "cpu" else 0))
+    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
+             "logits": logits, "embedding_gradient": embedding_gradient}
+    held = weights + gradients + optimizer
+    return {**parts, "total": held + max(activations + logits, embedding_gradient)}
+
+
+def memory_probe(device: torch.device):
+    """Start measuring peak memory now; the returned function gives the peak above this point:
+    memory allocated by torch on a GPU, the process's resident set size (RSS) on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        return lambda: torch.cuda.max_memory_allocated(device) - base
+    try:  # Linux: writing 5 resets the high-water mark VmHWM to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+        base = proc_status("VmRSS")
+        return lambda: proc_status("VmHWM") - base
+    except OSError:  # elsewhere: the lifetime peak, which may be an earlier one's
+        scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux kilobytes
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale - base
+
+
+def proc_status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise KeyError(key)
+
+
+def readable(n: float) -> str:
+    """Bytes in decimal units, the ones GPU cards are sold in."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -1,0 +1,125 @@
+"""Every CUDA path on a tiny model: run `python -m pytest -m gpu` first on a new GPU machine (a few
+minutes). Skipped without CUDA; the CPU versions of these checks run in the rest of the suite.
+
+fused AdamW and bf16 autocast, bf16-pure, the optimizer in the backward pass, LoRA, the compiled
+decode step replayed without recompiling, the peak-memory report, a 20-step q2a run with resume,
+and the benchmark on the GPU.
+"""
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate
+import lora
+import optim
+import train
+from test_generate import GREEDY, generate_ids, prompts_of, tiny_model
+from test_optim import batches
+from test_train import assets, metrics, run_config, trajectory  # noqa: F401 (assets: a fixture)
+from tiny import tiny_llama
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+CUDA = torch.device("cuda")
+
+
+def close_runs(out, reference, rel=1e-3):
+    """The same steps and learning rates; losses equal to what GPU kernels' summation order allows."""
+    ours, ref = trajectory(out), trajectory(reference)
+    assert [row[:2] + (row[3],) for row in ours] == [row[:2] + (row[3],) for row in ref]
+    assert [row[2] for row in ours] == pytest.approx([row[2] for row in ref], rel=rel)
+
+
+def test_fused_adamw_with_bf16_autocast_trains(assets, tmp_path):
+    assert optim.build_optimizer(tiny_llama(64).to(CUDA), 1e-3, 0.0, False, CUDA).defaults["fused"]
+    cfg = run_config(assets, tmp_path, device="cuda", dtype="bf16", lr=1e-2, epochs=4)
+    train.train(cfg)
+    losses = [row["loss"] for row in metrics(cfg.out)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("settings", [
+    dict(dtype="bf16-pure"),
+    dict(dtype="bf16-pure", optimizer_in_backward=True, grad_accum=1, grad_clip=0.0),
+    dict(dtype="bf16", lora_rank=4, lora_alpha=8.0, grad_checkpointing=True, lr=3e-2),
+])
+def test_each_memory_saving_trains_and_resumes_for_20_steps(assets, tmp_path, settings):
+    """The q2a run of 20 steps (the last one stopped at step 10 and resumed) follows the one in one go."""
+    cfg = run_config(assets, tmp_path / "whole", device="cuda", max_steps=20, **{"lr": 1e-2, **settings})
+    train.train(cfg)
+    losses = [row["loss"] for row in metrics(cfg.out)]
+    assert losses[-1] < losses[0]
+    split = replace(cfg, out=str(tmp_path / "split"))
+    train.train(replace(split, max_steps=10))
+    train.train(replace(split, resume=True))
+    close_runs(split.out, cfg.out, rel=2e-2)
+
+
+def test_optimizer_in_backward_equals_the_ordinary_step_on_cuda():
+    def run(in_backward):
+        model = tiny_llama(50, seed=1).to(CUDA)
+        optimizer = optim.build_optimizer(model, 1e-3, 0.1, in_backward, CUDA)
+        losses = []
+        for batch in batches(4):
+            losses.append(train.forward_backward(model, [batch.to(CUDA)], autocast=False))
+            optim.optimizer_step(optimizer, model.parameters(), grad_clip=0.0)
+        return losses
+    assert run(True) == pytest.approx(run(False), rel=1e-4)
+
+
+def test_lora_merged_weights_give_the_adapted_logits_on_cuda():
+    model = tiny_llama(64).to(CUDA)
+    lora.add_adapters(model, 4, 8.0)
+    with torch.no_grad():
+        for layer in lora.adapters(model).values():
+            layer.lora_B.normal_(0.0, 0.05)
+    merged = tiny_llama(64).to(CUDA)
+    merged.load_state_dict(lora.merged_state(model))
+    ids = torch.randint(0, 64, (2, 9), device=CUDA)
+    torch.testing.assert_close(merged(ids), model(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_decode_replays_one_graph_for_a_whole_generation(fresh_dynamo):
+    """generate.compiled_decoder on CUDA (a static cache, CUDA graphs): the eager replies, and no
+    recompile after the first step, through refills and idle rows."""
+    model = tiny_model().to(CUDA)
+    prompts = prompts_of([3, 11, 6, 15, 1, 8, 4])
+    expected = generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=3)
+    compiled = generate.compiled_decoder("cuda")
+    calls = []
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            return compiled.step(*args)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return compiled.step(*args)
+
+    decoder = generate.Decoder(step, static=True)
+    assert generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=3, decoder=decoder) == expected
+    assert len(calls) > 10
+
+
+def test_peak_memory_is_measured_beside_its_estimate(assets, tmp_path):
+    cfg = run_config(assets, tmp_path, device="cuda", dtype="bf16-pure", max_steps=3)
+    train.train(cfg)
+    estimate = json.loads((tmp_path / "train_config.json").read_text())["memory_estimate"]
+    assert estimate["bytes"]["total"] > 0 and estimate["batch"] == cfg.batch_size
+    peaks = [row["peak_memory_bytes"] for row in metrics(cfg.out)]
+    assert 0 < peaks[0] <= peaks[-1]
+
+
+def test_the_benchmark_runs_on_the_gpu(tmp_path, fresh_dynamo):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench
+    from test_bench import TINY
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    bench.main(["--config", str(tmp_path / "config.json"), "--device", "cuda", "--reps", "1", "--warmup", "1",
+                "--train-reps", "1", "--train-warmup", "1", "--batch", "2", "--seq", "16", "--prompt-len", "8",
+                "--new-tokens", "3", "--stage2-rows", "3", "--stage2-batch", "2", "--stage2-new-tokens", "3",
+                "--grid-seqs", "16", "--grid-batches", "2", "--out", str(tmp_path / "bench.json")])
+    figures = json.loads((tmp_path / "bench.json").read_text())["figures"]
+    assert figures and all(f["ours"] > 0 and f["transformers"] > 0 for f in figures)
