@@ -43,21 +43,35 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def save_last(out: Path, model: Llama, optimizer, progress: dict, files: dict):
+def save_best(out: Path, model: Llama, files: dict, base_model: str):
+    """OUT/best: the model as a Hugging Face folder (LoRA adapters merged into it), and with LoRA
+    OUT/best-adapter: the adapter alone, in PEFT's layout."""
+    checkpoint.save_model(model, out / "best", files, state=lora.merged_state(model))
+    lora.save_peft(model, out / "best-adapter", base_model)
+
+
+def save_last(out: Path, model: Llama, optimizer, progress: dict, files: dict, base_model: str):
     """OUT/last = the model (Hugging Face layout, LoRA adapters merged) + train_state.pt (optimizer,
     step, data position, RNG, best validation loss, the adapters alone). Both are written into a
     staging folder that then replaces OUT/last in one rename, so a crash mid-save leaves the
-    previous OUT/last whole and consistent."""
+    previous OUT/last whole and consistent. With LoRA, OUT/last-adapter follows it."""
     staging = out / ".last.staging"
     checkpoint.save_model(model, staging, files, state=lora.merged_state(model))
     torch.save({**progress, "optimizer": optimizer.state_dict(), "rng": rng_state(),
                 "adapters": lora.adapter_state(model)}, staging / "train_state.pt")
     replace_dir(staging, out / "last")
+    lora.save_peft(model, out / "last-adapter", base_model)
 
 
-def load_train_state(out: Path, device) -> dict:
-    return torch.load(out / "last" / "train_state.pt", map_location=device,
-                      weights_only=True)  # tensors and plain containers only: no code runs on load
+def restore(out: Path, model: Llama, optimizer, device) -> dict:
+    """Put the model's adapters, the optimizer and the RNGs back as OUT/last saved them; returns
+    where the run stood (step, epoch, index, best_val_loss, elapsed_s)."""
+    state = torch.load(out / "last" / "train_state.pt", map_location=device,
+                       weights_only=True)  # tensors and plain containers only: no code runs on load
+    optimizer.load_state_dict(state.pop("optimizer"))
+    set_rng_state(state.pop("rng"))
+    lora.load_adapter_state(model, state.pop("adapters"))
+    return state
 
 
 def recover_last(out: Path):
@@ -71,6 +85,15 @@ def recover_last(out: Path):
             os.replace(newest, out / "last")
             say("train", f"{out / 'last'} was missing (a crash while it was being replaced): restored it from {newest.name}")
     barrier()
+
+
+def open_folder(out: Path, config: dict, resume: bool, may_change: set):
+    """A new run starts in a folder without one; --resume needs one that trains the same way."""
+    if resume:
+        check_resumable(out, config, may_change)
+    elif (out / "last" / "train_state.pt").exists():
+        raise FileExistsError(f"{out / 'last'}: a run is already there; pass --resume or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def check_resumable(out: Path, config: dict, may_change: set):

@@ -7,13 +7,14 @@ Read top to bottom, as nanoGPT's train.py: config, seed and device, data (rows -
 and target masks -> length-grouped batches), model, optimizer, schedule, and the loop with
 validation and checkpoints. A run writes to --out:
 
-    train_config.json   the full config (and what the data turned out to be)
+    train_config.json   the full config, what the data turned out to be, the memory estimate
     metrics.jsonl       one line per optimizer step: loss, lr, grad norm, val_loss when evaluated,
-                        elapsed time, and speed: tokens_per_s (all real tokens, padding excluded)
-                        and target_tokens_per_s (the reply tokens that carry the loss)
+                        elapsed time, peak memory so far, and speed: tokens_per_s (all real tokens,
+                        padding excluded) and target_tokens_per_s (the reply tokens with a loss)
     loss.png            the loss curves, when matplotlib is installed
     best/               the checkpoint with the lowest validation loss (Hugging Face layout)
     last/               the latest checkpoint, plus train_state.pt for --resume
+    *-adapter/          with --lora-rank: best's and last's adapter alone, in PEFT's layout
 
 Ctrl-C (or SIGTERM) finishes the current optimizer step, saves last/ and exits; a crash loses
 the steps since the last --save-every. --resume continues from last/ exactly where the run
@@ -28,8 +29,8 @@ step's micro-batches r, r + N, ... (so --grad-accum must be a multiple of N), an
 are summed over the ranks. N ranks therefore train the model one process would (up to the
 order of floating-point sums), the lr schedule and step count do not change with N, and a run
 may be resumed on another number of ranks. Only rank 0 logs and writes files. Every rank holds
-the whole model and its AdamW state (the fp32 figures below, per GPU): sharding them (FSDP2)
-for models that do not fit one GPU, such as the 3B and 8B ones, is not implemented.
+the whole model and its AdamW state: sharding them (FSDP2) is not implemented; bf16-pure or
+LoRA (below) make the 3B and 8B models fit one GPU instead.
 
 Precision: with --dtype bf16 the weights, gradients and AdamW state stay fp32 (the master
 copy) and only the forward/backward matmuls run in bf16 under autocast. A bf16 weight cannot
@@ -37,11 +38,12 @@ take an update below ~1/256 of its size, so lr 1e-5 steps would mostly round awa
 masters keep them, at 4 + 4 + 8 bytes per parameter (~20 GB for Llama-3.2-1B before
 activations). --dtype bf16-pure keeps everything in bf16 (8 bytes per parameter) and rounds
 each update stochastically instead, so that small updates survive on average (optim.py);
---optimizer-in-backward then drops the gradients' 2 bytes too.
+--optimizer-in-backward then drops the gradients' 2 bytes too. --lora-rank trains small
+adapters beside a frozen model instead (lora.py). The log states the run's memory estimate at
+the start and the peak it measured at the end (memory.py).
 
-References: Karpathy's nanoGPT (train.py); Loshchilov & Hutter 2019 (AdamW, cosine schedule);
-Chen et al. 2016 (gradient checkpointing); Micikevicius et al. 2018 (mixed precision with
-fp32 master weights).
+References: Karpathy's nanoGPT (train.py); Chen et al. 2016 (gradient checkpointing);
+Micikevicius et al. 2018 (mixed precision with fp32 master weights); Hu et al. 2021 (LoRA).
 """
 from __future__ import annotations
 
@@ -270,7 +272,10 @@ def setup(cfg: TrainConfig) -> Run:
     and restore the run's state on --resume; write train_config.json."""
     out = Path(cfg.out)
     rank, world = rank_and_world()
-    check_run_folder(cfg, out, world)
+    if cfg.grad_accum % world:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} is not a multiple of the {world} ranks, "
+                         f"which share each step's micro-batches")
+    runs.open_folder(out, asdict(cfg), cfg.resume, RESUMABLE_CHANGES)
 
     # seed and device
     random.seed(cfg.seed)
@@ -312,11 +317,7 @@ def setup(cfg: TrainConfig) -> Run:
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optimizer_in_backward, device)
     progress = {"step": 0, "epoch": 0, "index": 0, "best_val_loss": math.inf, "elapsed_s": 0.0}
     if cfg.resume:
-        state = runs.load_train_state(out, device)
-        optimizer.load_state_dict(state.pop("optimizer"))
-        runs.set_rng_state(state.pop("rng"))
-        lora.load_adapter_state(model, state.pop("adapters"))
-        progress = state
+        progress = runs.restore(out, model, optimizer, device)
         log(f"resumed at step {progress['step']} (epoch {progress['epoch']}, step {progress['index']} of it)")
     if rank == 0:
         runs.truncate_metrics(out / "metrics.jsonl", progress["step"])
@@ -339,18 +340,6 @@ def memory_plan(cfg: TrainConfig, model_config, train_set: list[data.Example], d
             lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets.split(","),
             grad_checkpointing=cfg.grad_checkpointing, loss_chunk=LOSS_CHUNK, device=device.type)})
     return max(plans, key=lambda plan: plan["bytes"]["total"])
-
-
-def check_run_folder(cfg: TrainConfig, out: Path, world: int):
-    """A new run starts in a folder without one; --resume needs one that trains the same way."""
-    if cfg.grad_accum % world:
-        raise ValueError(f"--grad-accum {cfg.grad_accum} is not a multiple of the {world} ranks, "
-                         f"which share each step's micro-batches")
-    if cfg.resume:
-        runs.check_resumable(out, asdict(cfg), RESUMABLE_CHANGES)
-    elif (out / "last" / "train_state.pt").exists():
-        raise FileExistsError(f"{out / 'last'}: a run is already there; pass --resume or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def training_model(path: Path, cfg: TrainConfig, device: torch.device) -> Llama:
@@ -388,14 +377,8 @@ def evaluate_and_keep_best(run: Run, autocast: bool) -> dict:
     if val_loss < run.progress["best_val_loss"]:
         run.progress["best_val_loss"] = val_loss
         if is_main():
-            save_checkpoint(run, "best")
+            runs.save_best(run.out, run.model, run.files, run.base_model)
     return {"val_loss": val_loss}
-
-
-def save_checkpoint(run: Run, name: str):
-    """OUT/best: the model as a Hugging Face folder (adapters merged), and with LoRA the adapter alone."""
-    checkpoint.save_model(run.model, run.out / name, run.files, state=lora.merged_state(run.model))
-    lora.save_peft(run.model, run.out / f"{name}-adapter", run.base_model)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -437,8 +420,7 @@ def train(cfg: TrainConfig) -> Path:
                             tgt_s=f"{targets / dt:.0f}", refresh=False)
             if step % cfg.save_every == 0 or step == run.stop_step or stopping:
                 if rank == 0:
-                    runs.save_last(run.out, run.model, run.optimizer, progress, run.files)
-                    lora.save_peft(run.model, run.out / "last-adapter", run.base_model)
+                    runs.save_last(run.out, run.model, run.optimizer, progress, run.files, run.base_model)
                 barrier()  # no rank exits (which would make torchrun stop rank 0) before the save is whole
             if stopping:
                 bar.close()
@@ -453,7 +435,7 @@ def finish(run: Run):
     """Without validation the final model is the best we know; the closing line and loss.png."""
     if is_main():
         if not run.validate:
-            save_checkpoint(run, "best")
+            runs.save_best(run.out, run.model, run.files, run.base_model)
         log(f"peak memory {memory.readable(run.peak_memory())} "
             f"({'allocated on the GPU' if run.device.type == 'cuda' else 'resident'}, since setup began); "
             f"estimated {memory.readable(run.memory_estimate)} for the largest micro-batch")
