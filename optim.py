@@ -22,8 +22,8 @@ import math
 
 import torch
 
-CHUNK = 1 << 24  # BF16AdamW updates a tensor in slices of this many elements: the fp32 temporaries
-                 # of a 262M-element embedding would otherwise cost three times its bf16 size
+CHUNK = 1 << 22  # BF16AdamW updates a tensor in slices of this many elements: its fp32 temporaries
+                 # (about 7 per element) for a whole 262M-element embedding would take 7 GB
 
 
 def round_stochastic(x: torch.Tensor) -> torch.Tensor:
@@ -38,13 +38,19 @@ def round_stochastic(x: torch.Tensor) -> torch.Tensor:
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
+def round_to_nearest(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16)
+
+
 class BF16AdamW(torch.optim.Optimizer):
     """AdamW (as torch.optim.AdamW) for bf16 weights: the update is computed in fp32 and the
     weight and both moments are stored back in bf16 with stochastic rounding (the second
     moment too: 0.999 * v is v again under round-to-nearest, so v could never decay)."""
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps=1e-8,
+                 stochastic: bool = True):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
+        self.round = round_stochastic if stochastic else round_to_nearest  # nearest: bench/precision.py's foil
 
     @torch.no_grad()
     def step(self):
@@ -68,7 +74,7 @@ class BF16AdamW(torch.optim.Optimizer):
             w32 = w.float().mul_(1 - lr * group["weight_decay"])                 # decoupled weight decay
             w32.addcdiv_(m32, (v32 / bias2).sqrt_().add_(group["eps"]), value=-lr / bias1)
             for stored, exact in ((w, w32), (m, m32), (v, v32)):
-                stored.copy_(round_stochastic(exact))
+                stored.copy_(self.round(exact))
 
 
 class InBackward:

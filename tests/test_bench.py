@@ -62,3 +62,20 @@ def test_bench_writes_every_figure(tmp_path, capsys, fresh_dynamo):
     assert set(result) == {"meta", "figures"}
     printed = capsys.readouterr().out
     assert "ours/tf" in printed and "batch-1 decode limit here" in printed and "\ntarget " not in printed
+
+
+def test_precision_experiment_writes_its_curves(tmp_path, capsys):
+    """bench/precision.py, shortened: three fine-tunes from the same pretrained weights, the same
+    first held-out loss, curves of the same length; at lr 1e-5 round-to-nearest moves the loss
+    less than stochastic rounding does. The figures themselves are the README's, not asserted."""
+    import precision
+    out = tmp_path / "precision.json"
+    precision.main(["--pretrain-steps", "20", "--steps", "12", "--eval-every", "4", "--threads", "1",
+                    "--out", str(out)])
+    result = json.loads(out.read_text())
+    losses = result["losses"]
+    assert set(losses) == set(precision.MODES) and {len(curve) for curve in losses.values()} == {4}
+    assert len({curve[0] for curve in losses.values()}) <= 2  # bf16 weights: the same start in both bf16 modes
+    moved = {mode: curve[0] - curve[-1] for mode, curve in losses.items()}
+    assert moved["fp32 master"] > 0 and moved["bf16 nearest"] < moved["bf16-pure"]
+    assert "of fp32 master's drop" in capsys.readouterr().out
