@@ -131,8 +131,8 @@ def check_names(names: list[str], what: str):
         raise ValueError(f"{what} are {len(names)} ({', '.join(names)}): a classifier needs "
                          f"{MIN_LABELS} to {MAX_LABELS} labels")
     for name in names:
-        if not name or "\n" in name:
-            raise ValueError(f"{what}: a label name is empty or has a line break: {name!r}")
+        if not name or "\n" in name or name.lower() == "unparsed":  # "unparsed": the report's column of no answer
+            raise ValueError(f"{what}: a label name is empty, has a line break or is 'unparsed': {name!r}")
     seen = {}
     for name in names:
         if name.lower() in seen:

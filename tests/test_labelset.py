@@ -158,3 +158,67 @@ def test_empty_text_column(tmp_path):
     (tmp_path / "train.csv").write_text("body,label\n,a\n ,b\n")
     with pytest.raises(ValueError, match=r"train.csv: row 1: empty text \(column 'body'\)"):
         resolve(tmp_path, text_column="body")
+
+
+# ----------------------------------------------------------------------------- prompts, parsing, scores, report
+
+SENTIMENT = LabelSet(("neg", "negative", "not spam", "Sci/Tech"))
+
+
+def test_prompts_and_targets_follow_the_label_set():
+    import data
+    row = {"id": 3, "text": " the chip is fast ", "label": "Sci/Tech", "reasoning": "It is about a chip."}
+    assert data.prompt_messages("q2a", row, SENTIMENT)[0]["content"] == \
+        "Classify the text as one of: neg, negative, not spam, Sci/Tech.\n\nText: the chip is fast"
+    assert data.target_text("q2ra", row, SENTIMENT) == "It is about a chip.\nLabel: Sci/Tech"
+    assert data.target_text("q2a", row, SENTIMENT) == "Sci/Tech"
+    assert data.emotion_as_rgen(row, SENTIMENT)["question"].startswith("Classify the text as one of: neg,")
+    with pytest.raises(ValueError, match="label 'joy' is not one of neg, negative, not spam, Sci/Tech"):
+        data.target_text("q2a", {**row, "label": "joy"}, SENTIMENT)
+    # emotion: today's strings, byte for byte
+    emotion_row = {"id": 0, "text": "i feel fine", "label": "joy", "reasoning": "Fine is good."}
+    assert data.prompt_messages("q2ra", emotion_row)[0]["content"] == \
+        data.CLASSIFY_PROMPT.format(labels="sadness, joy, love, anger, fear, surprise", text="i feel fine")
+    assert data.target_text("q2ra", emotion_row) == "Fine is good.\nEmotion: joy"
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Label: negative", "negative"), ("Label: neg", "neg"), ("**Label:** NOT SPAM.", "not spam"),
+    ("It is about chips.\nLabel: sci/tech", "Sci/Tech"), ("Label: negat", "unparsed"),
+    ("Label: negative stuff", "unparsed"), ("Label: neg\nmore words", "unparsed"), ("negative", "unparsed"),
+    ("Reasoning says neg.\n\nLabel: spam", "unparsed"), ("Label: not spam<|eot_id|>", "not spam"),
+])
+def test_q2ra_parser_reads_the_last_line_and_whole_names(reply, expected):
+    from metrics import parse_label
+    assert parse_label("q2ra", reply, SENTIMENT) == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("negative", "negative"), ("neg.", "neg"), ("**Not spam**", "not spam"), ("Sci/Tech", "Sci/Tech"),
+    ("neg or negative", "unparsed"), ("negatively", "unparsed"), ("spam", "unparsed"),
+])
+def test_q2a_parser_finds_exactly_one_whole_name(reply, expected):
+    from metrics import parse_label
+    assert parse_label("q2a", reply, SENTIMENT) == expected
+
+
+def test_metrics_and_report_for_twenty_labels(tmp_path):
+    import struct
+    from metrics import classification_metrics
+    from report import write_report
+    names = [f"class {i}" for i in range(19)] + ["a rather long label | with a pipe"]
+    gold = [names[i % 20] for i in range(60)]
+    predicted = [g if i % 3 else "unparsed" if i % 2 else names[0] for i, g in enumerate(gold)]
+    m = classification_metrics(gold, predicted, names)
+    assert m["confusion_matrix"]["columns"] == names + ["unparsed"] and len(m["per_class"]) == 20
+    assert m["accuracy"] == pytest.approx(41 / 60)  # row 0 is names[0], predicted right and m["unparsed_share"] == pytest.approx(10 / 60)
+    predictions = [{"id": i, "text": "t", "gold": g, "predicted": p, "raw": p, "n_tokens": 1, "hit_limit": False}
+                   for i, (g, p) in enumerate(zip(gold, predicted))]
+    report = write_report(tmp_path, predictions, {"task": "q2a"}, names)
+    assert report["macro_f1"] == m["macro_f1"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| a rather long label \\| with a pipe |" in markdown
+    png = tmp_path / "confusion_matrix.png"
+    if png.is_file():  # matplotlib installed: a figure that grew with the labels
+        width, height = struct.unpack(">II", png.read_bytes()[16:24])
+        assert width > 7 * 120 and height > 5.5 * 120
