@@ -237,7 +237,8 @@ def load_examples(task: str, source, tokenizer: Tokenizer, max_seq_len: int, max
     budget = max([reply_budget(tokenizer, task, reasoning_tokens or DEFAULT_REASONING_TOKENS, labels)]
                  + [int(ex.is_target.sum()) for ex in train_set + val_set])
     return train_set, val_set, {**fits, "skipped_bad_rows": skipped, "reasoning_tokens": reasoning_tokens,
-                                "max_new_tokens": budget}
+                                "max_new_tokens": budget,
+                                "label_set": None if get_task(task).rows == "reasoning-gen" else labels.settings()}
 
 
 def emotion_rows(kind: str, source, split: str, skip_bad: bool, labels: LabelSet = EMOTION) -> readers.Rows:

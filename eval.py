@@ -98,7 +98,8 @@ def format_comparison(c: dict) -> str:
 
 def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval", limit: int | None = None,
              batch_size: int = 32, max_new_tokens: int | None = None, scoring: str = "generate",
-             device: str | None = None, dtype=None, compile: bool = False, labels: LabelSet | None = None) -> dict:
+             device: str | None = None, dtype=None, compile: bool = False, labels: LabelSet | None = None,
+             skip_bad: bool = False) -> dict:
     """Predict every example of `data`'s `split` with the model in model_dir, write
     predictions and report to out_dir, and return the report.
 
@@ -106,15 +107,11 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
     with parse_label. scoring="logprob" (q2a only): the most likely label reply.
     device defaults to cuda when available; dtype (bf16, fp32, fp16 or a torch.dtype) to bf16 on cuda, fp32 on cpu.
     compile: generate with a torch.compile'd decode step (generate.compiled_decoder).
-    labels: the label set (default: the checkpoint's label_set.json, else resolved from data).
+    labels: the label set (default: checkpoint_labels); skip_bad: leave out (and count, as
+    skipped_bad_rows) bad rows, such as a label outside the label set, rather than stop at the first.
     Files already in out_dir (default runs/eval) are replaced.
     """
-    if task not in TASKS:
-        raise ValueError(f"task '{task}' cannot be evaluated (expected q2a or q2ra)")
-    if scoring not in ("generate", "logprob"):
-        raise ValueError(f"scoring '{scoring}' is not generate or logprob")
-    if scoring == "logprob" and task != "q2a":
-        raise ValueError("logprob scoring needs replies that are just the label: q2a only, not q2ra")
+    check_arguments(task, scoring)
     import data as data_module
     import readers
     from runtime import resolve_device_dtype
@@ -124,7 +121,8 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
     t0 = time.perf_counter()
     folder = checkpoint.resolve_checkpoint(model_dir)  # a hub id is downloaded once
     labels = checkpoint_labels(folder, labels, data)
-    rows = readers.read_labelled(data, split, labels.names, labels.text_column, labels.label_column)[:limit]
+    rows = readers.read_labelled(data, split, labels.names, labels.text_column, labels.label_column, skip_bad)
+    skipped, rows = rows.skipped, rows[:limit]
     if not rows:
         raise ValueError(f"{data}: split '{split}' has no rows")
     tokenizer = Tokenizer(folder)
@@ -149,15 +147,24 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
     wall_s = time.perf_counter() - t0
 
     predictions = [{"id": row["id"], "text": row["text"], "gold": row["label"],
-                    "predicted": parse_label(task, out["text"], labels), "raw": out["text"], "n_tokens": out["n_tokens"],
-                    "hit_limit": bool(out["hit_limit"])}
+                    "predicted": parse_label(task, out["text"], labels), "raw": out["text"],
+                    "n_tokens": out["n_tokens"], "hit_limit": bool(out["hit_limit"])}
                    for row, out in zip(rows, outputs)]
     meta = {"task": task, "model": str(model_dir), "data": str(data), "split": split, "limit": limit,
             "scoring": scoring, "max_new_tokens": max_new_tokens, "max_new_tokens_from": budget_from,
             "batch_size": batch_size, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "prompt_version": getattr(data_module, "PROMPT_VERSION", None), "label_set": labels.settings(),
-            "load_time_s": load_s, "wall_time_s": wall_s}
+            "skipped_bad_rows": skipped, "load_time_s": load_s, "wall_time_s": wall_s}
     return write_report(out_dir, predictions, meta, labels.names)
+
+
+def check_arguments(task: str, scoring: str):
+    if task not in TASKS:
+        raise ValueError(f"task '{task}' cannot be evaluated (expected q2a or q2ra)")
+    if scoring not in ("generate", "logprob"):
+        raise ValueError(f"scoring '{scoring}' is not generate or logprob")
+    if scoring == "logprob" and task != "q2a":
+        raise ValueError("logprob scoring needs replies that are just the label: q2a only, not q2ra")
 
 
 def checkpoint_labels(folder: Path, labels: LabelSet | None, data) -> LabelSet:
@@ -267,6 +274,8 @@ def main(argv=None):
                    help="model weights and compute (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for a GPU)")
     labelset.add_arguments(p)
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and count) rows whose label is not in the label set, or whose text is empty")
     args = p.parse_args(argv)
 
     try:
@@ -284,7 +293,8 @@ def main(argv=None):
         flagged = any(getattr(args, name) != default for name, (default, _) in labelset.FLAGS.items())
         labels = labelset.from_flags(args.data, args) if flagged else None
         report = evaluate(args.model, args.task, args.data, args.split, args.out, args.limit, args.batch_size,
-                          args.max_new_tokens, args.scoring, args.device, args.dtype, args.compile, labels)
+                          args.max_new_tokens, args.scoring, args.device, args.dtype, args.compile, labels,
+                          args.skip_bad)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
         sys.exit(f"eval.py: error: {e}")
     print(f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "

@@ -70,14 +70,16 @@ def recover_last(out: Path):
     barrier()
 
 
-def check_resumable(out: Path, config: dict, may_change: set):
+def check_resumable(out: Path, config: dict, may_change: set, facts: dict | None = None):
     """There is a run to resume, and the resumed run trains the same way as the one it continues:
-    every setting of `config` but those in may_change is the one train_config.json recorded."""
+    every setting of `config` but those in may_change is the one train_config.json recorded, and
+    so is each of `facts` (what the settings resolved to, such as the label set of the data)."""
     recover_last(out)
     if not (out / "last" / "train_state.pt").is_file():
         raise FileNotFoundError(f"{out / 'last' / 'train_state.pt'}: no saved run to --resume")
-    saved = json.loads((out / "train_config.json").read_text())["config"]
-    for name, value in config.items():
+    recorded = json.loads((out / "train_config.json").read_text())
+    saved = {**recorded["config"], **{name: recorded.get(name) for name in facts or {}}}
+    for name, value in {**config, **(facts or {})}.items():
         if name not in may_change and saved.get(name) != value:
             raise ValueError(f"{out / 'train_config.json'}: the run was started with {name}={saved.get(name)!r}, "
                              f"cannot --resume it with {name}={value!r}")

@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import labelset
 import runs
 from checkpoint import resolve_checkpoint
 from files import write_json
@@ -119,6 +120,12 @@ class TrainConfig:
     device: str = option("", "cuda, cuda:N or cpu (default: cuda when available); under torchrun, "
                      "cuda and cuda:N mean the GPU LOCAL_RANK")
     skip_bad: bool = option(False, "skip (and count) bad data rows instead of stopping at the first one")
+    # q2a/q2ra: the label set and the wording (labelset.FLAGS); recorded in train_config.json and every checkpoint
+    text_column: str = labelset.flag("text_column")
+    label_column: str = labelset.flag("label_column")
+    labels: str = labelset.flag("labels")
+    instruction: str = labelset.flag("instruction")
+    answer_prefix: str = labelset.flag("answer_prefix")
 
     def __post_init__(self):
         for f in fields(self):
@@ -254,7 +261,10 @@ def setup(cfg: TrainConfig) -> Run:
     and restore the run's state on --resume; write train_config.json."""
     out = Path(cfg.out)
     rank, world = rank_and_world()
-    check_run_folder(cfg, out, world)
+    # q2a/q2ra: the label set of the data and flags, resolved before the run folder is made (rgen has none)
+    rgen = data.get_task(cfg.task).rows == "reasoning-gen"
+    labels = None if rgen else labelset.from_flags(cfg.data, cfg, cfg.skip_bad)
+    check_run_folder(cfg, out, world, labels)
 
     # seed and device
     random.seed(cfg.seed)
@@ -266,7 +276,7 @@ def setup(cfg: TrainConfig) -> Run:
     tokenizer = Tokenizer(base_dir)
     train_set, val_set, data_counts = data.load_examples(
         cfg.task, cfg.data, tokenizer, cfg.max_seq_len, cfg.max_examples, cfg.val_examples, cfg.val_data,
-        cfg.seed, cfg.skip_bad, cfg.rgen_columns)
+        cfg.seed, cfg.skip_bad, cfg.rgen_columns, labels or labelset.EMOTION)  # rgen has no labels
     if not train_set:
         raise ValueError(f"{cfg.data}: no training examples for task {cfg.task}")
     steps_per_epoch = len(epoch_steps(cfg, train_set, epoch=0))
@@ -301,17 +311,20 @@ def setup(cfg: TrainConfig) -> Run:
         runs.truncate_metrics(out / "metrics.jsonl", progress["step"])
     # Saved with every checkpoint: the tokenizer, our chat template and the reply budget.
     files = tokenizer.serving_files(max_new_tokens=data_counts["max_new_tokens"])
+    if labels:  # and the label set, which eval.py reads back
+        files[labelset.label_set_path("").name] = json.dumps(labels.settings(), indent=2, ensure_ascii=False) + "\n"
     return Run(out, device, model, optimizer, train_set, val_batches, tokenizer.pad_id, bool(val_set), files,
                total_steps, stop_step, progress)
 
 
-def check_run_folder(cfg: TrainConfig, out: Path, world: int):
-    """A new run starts in a folder without one; --resume needs one that trains the same way."""
+def check_run_folder(cfg: TrainConfig, out: Path, world: int, labels: labelset.LabelSet | None = None):
+    """A new run starts in a folder without one; --resume needs one that trains the same way, on
+    the same label set."""
     if cfg.grad_accum % world:
         raise ValueError(f"--grad-accum {cfg.grad_accum} is not a multiple of the {world} ranks, "
                          f"which share each step's micro-batches")
     if cfg.resume:
-        runs.check_resumable(out, asdict(cfg), RESUMABLE_CHANGES)
+        runs.check_resumable(out, asdict(cfg), RESUMABLE_CHANGES, {"label_set": labels and labels.settings()})
     elif (out / "last" / "train_state.pt").exists():
         raise FileExistsError(f"{out / 'last'}: a run is already there; pass --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
