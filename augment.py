@@ -5,9 +5,10 @@
 
 Each row is asked the label set's stage-1 question (dair-ai/emotion's: "What emotion does this
 text express?") with its gold label as the answer (data.emotion_as_rgen), and the generator's
-reply is stored as the row's reasoning. The output is a crash-safe jsonl: each row is written the moment it finishes, a
-rerun skips every id already written, and the settings it ran with (model, data source, split,
-sampling, label set) sit beside it in OUT.meta.json; resuming with other settings is refused.
+reply is stored as the row's reasoning. The output is a crash-safe jsonl: each row is written
+the moment it finishes, a rerun skips every id already written, and the settings it ran with
+(model, data source, split, sampling, label set) sit beside it in OUT.meta.json; resuming with
+other settings is refused.
 
 Under torchrun the rows still to do are dealt out to the ranks (rank r of N takes every N-th of
 them in length order), rank r writes aug.jsonl.part-r, and rank 0 merges the parts into

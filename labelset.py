@@ -230,6 +230,9 @@ def _unquote(value: str) -> str:
     return value
 
 
+LABEL_SET_FILE = "label_set.json"  # in every q2a/q2ra checkpoint: the label set it was trained with
+
+
 def label_set_path(folder) -> Path:
     """Where a checkpoint records the label set it was trained with."""
-    return Path(folder) / "label_set.json"
+    return Path(folder) / LABEL_SET_FILE

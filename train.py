@@ -312,7 +312,7 @@ def setup(cfg: TrainConfig) -> Run:
     # Saved with every checkpoint: the tokenizer, our chat template and the reply budget.
     files = tokenizer.serving_files(max_new_tokens=data_counts["max_new_tokens"])
     if labels:  # and the label set, which eval.py reads back
-        files[labelset.label_set_path("").name] = json.dumps(labels.settings(), indent=2, ensure_ascii=False) + "\n"
+        files[labelset.LABEL_SET_FILE] = json.dumps(labels.settings(), indent=2, ensure_ascii=False) + "\n"
     return Run(out, device, model, optimizer, train_set, val_batches, tokenizer.pad_id, bool(val_set), files,
                total_steps, stop_step, progress)
 
