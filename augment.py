@@ -1,13 +1,14 @@
-"""Stage 2 of the method: a reasoning for every emotion row, written by the stage-1 generator.
+"""Stage 2 of the method: a reasoning for every labelled row, written by the stage-1 generator.
 
     python augment.py --model runs/rgen/best --data dair-ai/emotion --split train --out aug.jsonl
     torchrun --nproc-per-node 4 augment.py --model runs/rgen/best --data SRC --split train --out aug.jsonl
 
-Each row is asked the stage-1 question "What emotion does this text express?" with its gold
-label as the answer (data.emotion_as_rgen), and the generator's reply is stored as the row's
-reasoning. The output is a crash-safe jsonl: each row is written the moment it finishes, a
-rerun skips every id already written, and the settings it ran with (model, data source, split,
-sampling) sit beside it in OUT.meta.json; resuming with other settings is refused.
+Each row is asked the label set's stage-1 question (dair-ai/emotion's: "What emotion does this
+text express?") with its gold label as the answer (data.emotion_as_rgen), and the generator's
+reply is stored as the row's reasoning. The output is a crash-safe jsonl: each row is written
+the moment it finishes, a rerun skips every id already written, and the settings it ran with
+(model, data source, split, sampling, label set) sit beside it in OUT.meta.json; resuming with
+other settings is refused.
 
 Under torchrun the rows still to do are dealt out to the ranks (rank r of N takes every N-th of
 them in length order), rank r writes aug.jsonl.part-r, and rank 0 merges the parts into
@@ -28,7 +29,9 @@ from tqdm import tqdm
 
 import checkpoint
 import data as data_lib
+import labelset
 import readers
+from labelset import EMOTION, LabelSet
 from readers import settings_path
 from files import write_atomic, write_json
 from generate import EAGER, Decoder, GenerationFlags, SamplingConfig, compiled_decoder, generate_stream
@@ -39,17 +42,17 @@ from runtime import (all_sum, barrier, distributed, one_line_errors, option, par
 
 # ----------------------------------------------------------------------------- prompts and rows
 
-def rgen_prompt(tokenizer, row: dict) -> list[int]:
-    """The rgen prompt for an emotion row, built by the same function that training uses."""
-    messages = data_lib.prompt_messages("rgen", data_lib.emotion_as_rgen(row))
+def rgen_prompt(tokenizer, row: dict, labels: LabelSet = EMOTION) -> list[int]:
+    """The rgen prompt for a labelled row, built by the same function that training uses."""
+    messages = data_lib.prompt_messages("rgen", data_lib.emotion_as_rgen(row, labels))
     return tokenizer.render(messages, add_generation_prompt=True)[0]
 
 
 def augment_rows(model: Llama, tokenizer, rows: list[dict], cfg: SamplingConfig, batch_size: int = 32,
-                 decoder: Decoder = EAGER):
-    """Yield an output row (id, text, label, reasoning, n_tokens, hit_limit) for every emotion
+                 decoder: Decoder = EAGER, labels: LabelSet = EMOTION):
+    """Yield an output row (id, text, label, reasoning, n_tokens, hit_limit) for every labelled
     row, as each finishes (continuous batching: see generate_stream)."""
-    prompts = [rgen_prompt(tokenizer, row) for row in rows]
+    prompts = [rgen_prompt(tokenizer, row, labels) for row in rows]
     # Random streams keyed by row id: a resumed or sharded run samples what a whole run would.
     keys = [zlib.crc32(str(row["id"]).encode()) for row in rows]
     for i, r in generate_stream(model, prompts, tokenizer.stop_ids, cfg, batch_size, keys, decoder=decoder):
@@ -168,10 +171,12 @@ def check_meta(out_path, meta: dict, force: bool):
 
 def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None, batch_size: int = 32,
             limit: int | None = None, force: bool = False, device=None, dtype=None, rows=None,
-            compile: bool = False) -> dict:
-    """Stage 2: write a reasoning for every emotion row of data/split (or of `rows`, when given)
+            compile: bool = False, labels: LabelSet | None = None, skip_bad: bool = False) -> dict:
+    """Stage 2: write a reasoning for every labelled row of data/split (or of `rows`, when given)
     to out_path (jsonl: id, text, label, reasoning, n_tokens, hit_limit). Resumable: rows whose
-    id is already in out_path are skipped. Returns (and prints) a summary.
+    id is already in out_path are skipped. Returns (and prints) a summary. labels: the label set
+    (default: the data's, labelset.resolve; with `rows`, dair-ai/emotion's); skip_bad: leave bad
+    rows of data/split out (counted) instead of stopping at the first.
 
     In a process group (torchrun), every rank calls this: rank r of N generates every N-th of
     the remaining rows into out_path.part-r, and rank 0 merges the parts into out_path (see the
@@ -180,12 +185,15 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     source = data if rows is None else "rows"
-    rows = unique_rows((readers.read_emotion(data, split) if rows is None else rows)[:limit or None], source)
+    labels = labels or (labelset.resolve(data) if rows is None else EMOTION)
+    if rows is None:
+        rows = readers.read_labelled(data, split, labels.names, labels.text_column, labels.label_column, skip_bad)
+    rows = unique_rows(rows[:limit or None], source)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rank, world = rank_and_world()
     device, dtype = resolve_device_dtype(device, dtype)
-    check_meta(out_path, run_settings(model_dir, source, split, cfg), force)  # every rank: all stop alike
+    check_meta(out_path, run_settings(model_dir, source, split, cfg, labels), force)  # every rank: all stop alike
     barrier()                  # all checked the files as they were
     if rank == 0:
         merge_parts(out_path)  # the rows an interrupted run left in part files, whatever its rank count
@@ -197,7 +205,7 @@ def augment(model_dir, data, split, out_path, cfg: SamplingConfig | None = None,
     todo = sorted((row for row in rows if row["id"] not in done), key=lambda row: len(row["text"]))
     start = time.time()
     counts = write_rows(part_path(out_path, rank, world), todo[rank::world], model_dir, cfg, batch_size,
-                        device, dtype, compile)
+                        device, dtype, compile, labels)
     if world > 1:
         totals = all_sum(list(counts.values()), device)  # also waits for every rank to finish its part
         counts = {k: int(v) for k, v in zip(counts, totals)}
@@ -223,17 +231,18 @@ def unique_rows(rows: list[dict], source) -> list[dict]:
     return rows
 
 
-def run_settings(model_dir, source, split, cfg: SamplingConfig) -> dict:
+def run_settings(model_dir, source, split, cfg: SamplingConfig, labels: LabelSet = EMOTION) -> dict:
     """What an output file was made with: the model, the data source and split (ids 0..1999 exist
-    in the train split and in the validation split), the prompt version and the sampling."""
+    in the train split and in the validation split), the prompt version, the sampling and the
+    label set (whose names q2ra's training reads back from here)."""
     local_model, local_source = Path(model_dir).expanduser(), Path(str(source)).expanduser()
     return {"model": str(local_model.resolve()) if local_model.is_dir() else str(model_dir), "task": "rgen",
             "data": str(local_source.resolve()) if local_source.exists() else str(source), "split": split,
-            "prompt_version": data_lib.PROMPT_VERSION, **asdict(cfg)}
+            "prompt_version": data_lib.PROMPT_VERSION, **asdict(cfg), "label_set": labels.settings()}
 
 
 def write_rows(part: Path, rows: list[dict], model_dir, cfg: SamplingConfig, batch_size: int, device, dtype,
-               compile: bool) -> dict:
+               compile: bool, labels: LabelSet = EMOTION) -> dict:
     """Generate this rank's rows into its file, each the moment it finishes; return the counts."""
     counts = {"rows": 0, "tokens": 0, "hit_limit": 0, "empty": 0}
     if not rows:  # a finished file needs no model
@@ -248,7 +257,7 @@ def write_rows(part: Path, rows: list[dict], model_dir, cfg: SamplingConfig, bat
                disable=rank > 0)  # under torchrun, rank 0's share stands for the progress of all
     start = time.time()
     with JsonlAppender(part, sync_every=batch_size) as out:
-        for row in augment_rows(model, tokenizer, rows, cfg, batch_size, decoder):
+        for row in augment_rows(model, tokenizer, rows, cfg, batch_size, decoder, labels):
             out.write(row)  # as soon as it finishes: a kill loses only the rows in flight
             counts["rows"] += 1
             counts["tokens"] += row["n_tokens"]
@@ -265,12 +274,18 @@ def write_rows(part: Path, rows: list[dict], model_dir, cfg: SamplingConfig, bat
 @dataclass(kw_only=True)
 class AugmentFlags(GenerationFlags):
     model: str = field(metadata={"help": "the stage-1 checkpoint folder (or hub id)"})
-    data: str = field(metadata={"help": "emotion source (folder, file or hub id)"})
+    data: str = field(metadata={"help": "labelled text set: folder, file or hub id"})
     out: str = field(metadata={"help": "output jsonl; resumed if it exists"})
     split: str = option("train", "split of --data")
     batch_size: int = option(32, "rows decoded together; finished rows' places go to the next ones")
     limit: int = option(0, "only the first N rows (0: all)")
     force: bool = option(False, "resume --out even if its settings differ")
+    skip_bad: bool = option(False, "skip (and count) bad data rows instead of stopping at the first one")
+    text_column: str = labelset.flag("text_column")
+    label_column: str = labelset.flag("label_column")
+    labels: str = labelset.flag("labels")
+    instruction: str = labelset.flag("instruction")
+    answer_prefix: str = labelset.flag("answer_prefix")
 
 
 def main(argv=None):
@@ -281,7 +296,8 @@ def main(argv=None):
     with one_line_errors("augment.py", "interrupted; rerun the same command to resume"), \
             distributed(args.device) as device:  # joins torchrun's group, if launched by it
         augment(args.model, args.data, args.split, args.out, args.sampling(), args.batch_size, args.limit,
-                args.force, device, args.dtype or None, compile=args.compile)
+                args.force, device, args.dtype or None, compile=args.compile,
+                labels=labelset.from_flags(args.data, args, args.skip_bad), skip_bad=args.skip_bad)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,7 @@ def write_demo_data(folder: Path, n_train: int, seed: int = 0) -> tuple[Path, Pa
             rows.append({"text": text, "label": labels.index(label)})
         jsonl = "".join(json.dumps(r) + "\n" for r in rows)
         write_atomic(emotion / "data" / f"{split}.jsonl.gz", gzip.compress(jsonl.encode("utf-8")))
+    write_atomic(emotion / "README.md", dataset_card(labels))  # the labels are ids: the card names them
     rgen_rows = []
     for i in range(RGEN_ROWS_PER_ROW * n_train):
         text, facts = world_sentence(rng, people)
@@ -139,12 +140,21 @@ def write_demo_data(folder: Path, n_train: int, seed: int = 0) -> tuple[Path, Pa
     return emotion, rgen
 
 
+def dataset_card(names: list[str]) -> str:
+    """A README.md whose YAML header names the label ids, as the hub's dataset cards do
+    (dataset_info.features, a ClassLabel), which labelset.resolve reads."""
+    entries = "".join(f"          '{i}': {name}\n" for i, name in enumerate(names))
+    return ("---\ndataset_info:\n  features:\n  - name: text\n    dtype: string\n  - name: label\n    dtype:\n"
+            "      class_label:\n        names:\n" + entries + "---\n\nA generated stand-in for dair-ai/emotion "
+            "(pipeline.py --demo).\n")
+
+
 def settings(out, rows: int, seed: int) -> dict:
     """The pipeline settings of the demo (they replace the defaults; the command line still wins):
     its files under OUT/demo_assets, and a size that a CPU trains in a few minutes."""
     assets = Path(out) / "demo_assets"
     return dict(base_model=str(assets / "tiny-llama"), rgen_data=str(assets / "data" / "reasoning-gen"),
-                emotion_data=str(assets / "data" / "emotion"), device="cpu", dtype="fp32", lr=5e-4,
+                data=str(assets / "data" / "emotion"), device="cpu", dtype="fp32", lr=5e-4,
                 rgen_examples=RGEN_ROWS_PER_ROW * rows, rgen_epochs=10.0, cls_epochs=20.0,
                 rgen_max_seq_len=256, cls_max_seq_len=256, batch_size=16, grad_accum=1,
                 augment_max_new_tokens=40, gen_batch_size=64)

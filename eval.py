@@ -1,17 +1,20 @@
-"""Stage 4: evaluate an emotion classifier, and compare two of them on the same examples.
+"""Stage 4: evaluate a text classifier, and compare two of them on the same examples.
 
-A fine-tuned model answers every prompt of a dair-ai/emotion split greedily (q2a: the
-emotion word; q2ra: reasoning, then a last line "Emotion: <label>"), each reply is parsed
-to one of the six labels or "unparsed" (which counts as wrong, never as dropped), and the
-run is written to out_dir:
+A fine-tuned model answers every prompt of a labelled split greedily (q2a: the label; q2ra:
+reasoning, then a last line "<answer prefix> <label>", "Emotion: <label>" for dair-ai/emotion),
+each reply is parsed to one of the label set's names or "unparsed" (which counts as wrong,
+never as dropped), and the run is written to out_dir:
 
     predictions.jsonl     one row per example: id, text, gold, predicted, raw, n_tokens
     report.json, .md      accuracy, macro-F1, per-class precision/recall/F1, confusion matrix,
                           unparsed share, generated length, speed, scoring mode, examples
     confusion_matrix.png  when matplotlib is installed
 
-q2a can also be scored without generating (`--scoring logprob`): the model scores each of the
-six possible replies and the most likely one is the prediction, so nothing is unparsed.
+q2a can also be scored without generating (`--scoring logprob`): the model scores every label's
+reply and the most likely one is the prediction, so nothing is unparsed.
+
+The label set (labelset.LabelSet) is the one the checkpoint was trained with (train.py records
+it in label_set.json); one that the flags or the data give otherwise is refused.
 
 `--compare A B` tests two runs against each other: the paired bootstrap 95% CI of the
 accuracy difference B - A and McNemar's exact test on the examples where they disagree.
@@ -29,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+import labelset
 from files import write_json
+from labelset import EMOTION, LabelSet
 from metrics import LABELS, bootstrap_diff_ci, mcnemar_exact, parse_label, wilson_interval
 from report import read_predictions, write_report
 from tokenizer import Tokenizer
@@ -93,7 +98,8 @@ def format_comparison(c: dict) -> str:
 
 def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval", limit: int | None = None,
              batch_size: int = 32, max_new_tokens: int | None = None, scoring: str = "generate",
-             device: str | None = None, dtype=None, compile: bool = False) -> dict:
+             device: str | None = None, dtype=None, compile: bool = False, labels: LabelSet | None = None,
+             skip_bad: bool = False) -> dict:
     """Predict every example of `data`'s `split` with the model in model_dir, write
     predictions and report to out_dir, and return the report.
 
@@ -101,14 +107,11 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
     with parse_label. scoring="logprob" (q2a only): the most likely label reply.
     device defaults to cuda when available; dtype (bf16, fp32, fp16 or a torch.dtype) to bf16 on cuda, fp32 on cpu.
     compile: generate with a torch.compile'd decode step (generate.compiled_decoder).
+    labels: the label set (default: checkpoint_labels); skip_bad: leave out (and count, as
+    skipped_bad_rows) bad rows, such as a label outside the label set, rather than stop at the first.
     Files already in out_dir (default runs/eval) are replaced.
     """
-    if task not in TASKS:
-        raise ValueError(f"task '{task}' cannot be evaluated (expected q2a or q2ra)")
-    if scoring not in ("generate", "logprob"):
-        raise ValueError(f"scoring '{scoring}' is not generate or logprob")
-    if scoring == "logprob" and task != "q2a":
-        raise ValueError("logprob scoring needs replies that are just the label: q2a only, not q2ra")
+    check_arguments(task, scoring)
     import data as data_module
     import readers
     from runtime import resolve_device_dtype
@@ -116,13 +119,15 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
 
     device, dtype = resolve_device_dtype(device, dtype)
     t0 = time.perf_counter()
-    rows = readers.read_emotion(data, split)[:limit]
+    folder = checkpoint.resolve_checkpoint(model_dir)  # a hub id is downloaded once
+    labels = checkpoint_labels(folder, labels, data)
+    rows = readers.read_labelled(data, split, labels.names, labels.text_column, labels.label_column, skip_bad)
+    skipped, rows = rows.skipped, rows[:limit]
     if not rows:
         raise ValueError(f"{data}: split '{split}' has no rows")
-    folder = checkpoint.resolve_checkpoint(model_dir)  # a hub id is downloaded once
     tokenizer = Tokenizer(folder)
     model = checkpoint.load_model(folder, dtype=dtype, device=device).eval()
-    conversations = [data_module.prompt_messages(task, row) for row in rows]
+    conversations = [data_module.prompt_messages(task, row, labels) for row in rows]
     load_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -131,29 +136,56 @@ def evaluate(model_dir, task: str, data, split: str = "test", out_dir="runs/eval
         decoder = compiled_decoder(device) if compile else EAGER
         budget_from = "--max-new-tokens" if max_new_tokens else None
         if not max_new_tokens:
-            max_new_tokens, budget_from = reply_budget(tokenizer, task)
+            max_new_tokens, budget_from = reply_budget(tokenizer, task, labels)
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
         outputs = generate(model, tokenizer, conversations, cfg, batch_size=batch_size, progress=True,
                            decoder=decoder)
     else:
         max_new_tokens, budget_from = None, None
         outputs = [{"text": label, "n_tokens": 0, "hit_limit": False} for label in
-                   score_labels(model, tokenizer, conversations, batch_size)]
+                   score_labels(model, tokenizer, conversations, batch_size, labels.names)]
     wall_s = time.perf_counter() - t0
 
     predictions = [{"id": row["id"], "text": row["text"], "gold": row["label"],
-                    "predicted": parse_label(task, out["text"]), "raw": out["text"], "n_tokens": out["n_tokens"],
-                    "hit_limit": bool(out["hit_limit"])}
+                    "predicted": parse_label(task, out["text"], labels), "raw": out["text"],
+                    "n_tokens": out["n_tokens"], "hit_limit": bool(out["hit_limit"])}
                    for row, out in zip(rows, outputs)]
     meta = {"task": task, "model": str(model_dir), "data": str(data), "split": split, "limit": limit,
             "scoring": scoring, "max_new_tokens": max_new_tokens, "max_new_tokens_from": budget_from,
             "batch_size": batch_size, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-            "prompt_version": getattr(data_module, "PROMPT_VERSION", None),
-            "load_time_s": load_s, "wall_time_s": wall_s}
-    return write_report(out_dir, predictions, meta)
+            "prompt_version": getattr(data_module, "PROMPT_VERSION", None), "label_set": labels.settings(),
+            "skipped_bad_rows": skipped, "load_time_s": load_s, "wall_time_s": wall_s}
+    return write_report(out_dir, predictions, meta, labels.names)
 
 
-def reply_budget(tokenizer, task: str) -> tuple[int, str]:
+def check_arguments(task: str, scoring: str):
+    if task not in TASKS:
+        raise ValueError(f"task '{task}' cannot be evaluated (expected q2a or q2ra)")
+    if scoring not in ("generate", "logprob"):
+        raise ValueError(f"scoring '{scoring}' is not generate or logprob")
+    if scoring == "logprob" and task != "q2a":
+        raise ValueError("logprob scoring needs replies that are just the label: q2a only, not q2ra")
+
+
+def checkpoint_labels(folder: Path, labels: LabelSet | None, data) -> LabelSet:
+    """The label set to evaluate with: `labels`, else the one the checkpoint records, else the
+    data's (labelset.resolve). A checkpoint trained on other names or wording is refused: its
+    prompts and its answer line would not be those it learnt. (The columns may differ: they are
+    the data's.)"""
+    path = labelset.label_set_path(folder)
+    recorded = LabelSet.from_settings(json.loads(path.read_text())) if path.is_file() else None
+    labels = labels or recorded or labelset.resolve(data)
+    if recorded is not None:
+        theirs, ours = recorded.settings(), labels.settings()
+        changed = [f"{k}={ours[k]!r} (trained with {theirs[k]!r})" for k in ours
+                   if k not in ("text_column", "label_column") and ours[k] != theirs[k]]
+        if changed:
+            raise ValueError(f"{folder}: was trained with another label set: {'; '.join(changed)}; pass the "
+                             f"training run's --labels, --instruction and --answer-prefix")
+    return labels
+
+
+def reply_budget(tokenizer, task: str, labels: LabelSet = EMOTION) -> tuple[int, str]:
     """The default max_new_tokens and where it comes from: the checkpoint's generation_config.json,
     where train.py records the longest reply its training targets allow (for q2ra, stage 2's
     reasoning cap plus the answer line), else data.reply_budget with stage 2's default cap."""
@@ -162,12 +194,13 @@ def reply_budget(tokenizer, task: str) -> tuple[int, str]:
     budget = json.loads(config.read_text()).get("max_new_tokens") if config.is_file() else None
     if budget:
         return budget, str(config)
-    return data_module.reply_budget(tokenizer, task), f"the {task} default (data.reply_budget)"
+    return data_module.reply_budget(tokenizer, task, labels=labels), f"the {task} default (data.reply_budget)"
 
 
-def score_labels(model, tokenizer, conversations: list[list[dict]], batch_size: int) -> list[str]:
-    """q2a without generation: for each prompt, the label whose reply (label word + end-of-turn
-    token) has the highest total log-probability. batch_size prompts -> 6x as many sequences."""
+def score_labels(model, tokenizer, conversations: list[list[dict]], batch_size: int, names=LABELS) -> list[str]:
+    """q2a without generation: for each prompt, the label of `names` whose reply (the label +
+    end-of-turn token) has the highest total log-probability. batch_size prompts -> batch_size
+    x len(names) sequences."""
     import torch
     from tqdm import tqdm
 
@@ -177,11 +210,11 @@ def score_labels(model, tokenizer, conversations: list[list[dict]], batch_size: 
         # Each candidate is rendered as the full training conversation, so its reply tokens are
         # exactly the ones the model was trained to produce (incl. <|eot_id|>).
         encoded = [tokenizer.render(conv + [{"role": "assistant", "content": label}])
-                   for conv in chunk for label in LABELS]
+                   for conv in chunk for label in names]
         with torch.inference_mode():
-            scores = reply_logprobs(model, encoded, tokenizer.pad_id)   # (len(chunk) * 6,)
-        best = scores.view(len(chunk), len(LABELS)).argmax(1)          # ties: the first label
-        predicted += [LABELS[i] for i in best.tolist()]
+            scores = reply_logprobs(model, encoded, tokenizer.pad_id)   # (len(chunk) * len(names),)
+        best = scores.view(len(chunk), len(names)).argmax(1)           # ties: the first label
+        predicted += [names[i] for i in best.tolist()]
     return predicted
 
 
@@ -215,7 +248,7 @@ def reply_logprobs(model, encoded: list[tuple[list[int], list[bool]]], pad_id: i
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="Evaluate an emotion classifier (q2a / q2ra), or compare two evaluation runs.",
+        description="Evaluate a text classifier (q2a / q2ra), or compare two evaluation runs.",
         epilog="examples:\n"
                "  python eval.py --model runs/q2ra/best --task q2ra --data dair-ai/emotion --out runs/q2ra/eval\n"
                "  python eval.py --compare runs/q2a/eval/predictions.jsonl runs/q2ra/eval/predictions.jsonl",
@@ -225,7 +258,7 @@ def main(argv=None):
                         "instead of evaluating a model")
     p.add_argument("--model", help="checkpoint folder (or hub id) with config.json, safetensors and tokenizer")
     p.add_argument("--task", choices=TASKS, help="q2a: label only; q2ra: reasoning, then label")
-    p.add_argument("--data", help="dair-ai/emotion source: folder, file or hub id")
+    p.add_argument("--data", help="labelled text set (dair-ai/emotion, ...): folder, file or hub id")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", help="output folder (evaluation), or JSON file for the result (--compare, optional)")
     p.add_argument("--limit", type=int, help="evaluate only the first N rows")
@@ -240,6 +273,9 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"],
                    help="model weights and compute (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for a GPU)")
+    labelset.add_arguments(p)
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and count) rows whose label is not in the label set, or whose text is empty")
     args = p.parse_args(argv)
 
     try:
@@ -253,8 +289,12 @@ def main(argv=None):
         missing = [flag for flag in ("model", "task", "data", "out") if getattr(args, flag) is None]
         if missing:
             p.error(f"--{missing[0]} is required (or use --compare A B)")
+        # Without label flags, the checkpoint's own label set (train.py records it) is used.
+        flagged = any(getattr(args, name) != default for name, (default, _) in labelset.FLAGS.items())
+        labels = labelset.from_flags(args.data, args) if flagged else None
         report = evaluate(args.model, args.task, args.data, args.split, args.out, args.limit, args.batch_size,
-                          args.max_new_tokens, args.scoring, args.device, args.dtype, args.compile)
+                          args.max_new_tokens, args.scoring, args.device, args.dtype, args.compile, labels,
+                          args.skip_bad)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
         sys.exit(f"eval.py: error: {e}")
     print(f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "

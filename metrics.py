@@ -1,7 +1,7 @@
 """What a reply means and how good a classifier is: the label parser, the classification
 metrics, and the paired tests that compare two classifiers on the same examples.
 
-    parse_label              a reply -> one of the six labels, or "unparsed"
+    parse_label              a reply -> one of the label set's names, or "unparsed"
     classification_metrics   accuracy, macro-F1, per-class scores, confusion matrix, unparsed share
     mcnemar_exact            McNemar's exact test on the examples where two classifiers disagree
     bootstrap_diff_ci        the paired bootstrap 95% CI of their accuracy difference
@@ -13,78 +13,98 @@ from __future__ import annotations
 
 import math
 import re
+from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
-from data import ANSWER_PREFIX, LABELS  # the q2ra target's last line is "Emotion: <label>"
+from data import LABELS  # dair-ai/emotion's names: the default label set's
+from labelset import EMOTION, LabelSet
 
+ANSWER_PREFIX = EMOTION.answer_prefix  # dair-ai/emotion's q2ra target's last line is "Emotion: <label>"
 UNPARSED = "unparsed"
-COLUMNS = (*LABELS, UNPARSED)  # confusion-matrix columns: every label, then "unparsed"
+COLUMNS = (*LABELS, UNPARSED)  # dair-ai/emotion's confusion-matrix columns: every label, then "unparsed"
 
 # ----------------------------------------------------------------------------- parsing
 
-# A label as a whole word: not inside a longer word ("joyful"), but markdown, quotes and
-# punctuation around it are fine ("**joy**", "'joy'", "_joy_", "joy.").
-LABEL_RE = re.compile(r"(?<![a-z])(" + "|".join(LABELS) + r")(?![a-z])", re.IGNORECASE)
-# An answer line: "Emotion:" at the start of the line, then one label and nothing else; markdown
-# ("**Emotion:** Joy"), quotes and closing punctuation around them are fine.
-ANSWER_RE = re.compile(r"[*_ \t]*" + re.escape(ANSWER_PREFIX.rstrip(":")) + r"[*_ \t]*:[*_ \t]*"
-                       r"[\"'`]?(" + "|".join(LABELS) + r")[\"'`]?[*_.!]*", re.IGNORECASE)
+
+class Patterns(NamedTuple):
+    label: re.Pattern    # any label as a whole word
+    answer: re.Pattern   # an answer line
+    by_lower: dict       # a matched name in lower case -> the label set's name
+
+
+@lru_cache(maxsize=32)
+def patterns(labels: LabelSet) -> Patterns:
+    """The parser's patterns for a label set. Names are tried longest first and must be whole
+    ("neg" is not found in "negative"); they may hold spaces and punctuation ("Sci/Tech")."""
+    names = "|".join(re.escape(name) for name in sorted(labels.names, key=len, reverse=True))
+    # A label as a whole word: not inside a longer word ("joyful"), but markdown, quotes and
+    # punctuation around it are fine ("**joy**", "'joy'", "_joy_", "joy.").
+    label = re.compile(r"(?<![^\W\d_])(" + names + r")(?![^\W\d_])", re.IGNORECASE)
+    # An answer line: the prefix ("Emotion:") at the start of the line, then one label and nothing
+    # else; markdown ("**Emotion:** Joy"), quotes and closing punctuation around them are fine.
+    prefix = labels.answer_prefix
+    head = re.escape(prefix.rstrip(":")) + (r"[*_ \t]*:" if prefix.endswith(":") else "")
+    answer = re.compile(r"[*_ \t]*" + head + r"[*_ \t]*[\"'`]?(" + names + r")[\"'`]?[*_.!]*", re.IGNORECASE)
+    return Patterns(label, answer, {name.lower(): name for name in labels.names})
+
+
+LABEL_RE, ANSWER_RE = patterns(EMOTION)[:2]  # dair-ai/emotion's
 SPECIAL_TOKEN_RE = re.compile(r"<\|[a-z_]+\|>")  # "<|eot_id|>" where a reply was decoded with special tokens
 
 
-def parse_label(task: str, text: str) -> str:
-    """The label a reply gives (a LABELS name), or "unparsed".
+def parse_label(task: str, text: str, labels: LabelSet = EMOTION) -> str:
+    """The label a reply gives (one of labels.names), or "unparsed".
 
     q2a: the reply must name exactly one label ("Joy", " joy.", "**joy**", "Emotion: joy");
     naming none or two different ones is unparsed.
-    q2ra: only the last non-empty line counts, and it must be an answer line ("Emotion: joy").
-    A reply cut off mid-reasoning, or one that goes on after its answer line, is unparsed: label
-    words inside the reasoning are not an answer.
+    q2ra: only the last non-empty line counts, and it must be an answer line ("Emotion: joy"),
+    whose label is the whole rest of the line. A reply cut off mid-reasoning, or one that goes on
+    after its answer line, is unparsed: label words inside the reasoning are not an answer.
     """
+    found = patterns(labels)
     if task == "q2a":
-        return _single_label(text)
+        names = {found.by_lower[word.lower()] for word in found.label.findall(text)}
+        return names.pop() if len(names) == 1 else UNPARSED
     if task == "q2ra":
         lines = [line for line in SPECIAL_TOKEN_RE.sub("", text).splitlines() if line.strip()]
-        answer = ANSWER_RE.fullmatch(lines[-1].strip()) if lines else None
-        return answer.group(1).lower() if answer else UNPARSED
+        answer = found.answer.fullmatch(lines[-1].strip()) if lines else None
+        return found.by_lower[answer.group(1).lower()] if answer else UNPARSED
     raise ValueError(f"task '{task}' has no label to parse (expected q2a or q2ra)")
-
-
-def _single_label(text: str) -> str:
-    found = {word.lower() for word in LABEL_RE.findall(text)}
-    return found.pop() if len(found) == 1 else UNPARSED
 
 
 # ----------------------------------------------------------------------------- metrics
 
-def confusion_matrix(gold, predicted) -> list[list[int]]:
-    """Counts with gold labels as rows (LABELS order) and predictions as columns (COLUMNS order)."""
+def confusion_matrix(gold, predicted, names=LABELS) -> list[list[int]]:
+    """Counts with gold labels as rows (names order) and predictions as columns (names, then "unparsed")."""
     if len(gold) != len(predicted):
         raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
-    counts = [[0] * len(COLUMNS) for _ in LABELS]
+    columns = [*names, UNPARSED]
+    row_of, column_of = {name: i for i, name in enumerate(names)}, {name: i for i, name in enumerate(columns)}
+    counts = [[0] * len(columns) for _ in names]
     for g, p in zip(gold, predicted):
-        if g not in LABELS:
-            raise ValueError(f"gold label '{g}' is not one of {', '.join(LABELS)}")
-        if p not in COLUMNS:
-            raise ValueError(f"predicted label '{p}' is not one of {', '.join(COLUMNS)}")
-        counts[LABELS.index(g)][COLUMNS.index(p)] += 1
+        if g not in row_of:
+            raise ValueError(f"gold label '{g}' is not one of {', '.join(names)}")
+        if p not in column_of:
+            raise ValueError(f"predicted label '{p}' is not one of {', '.join(columns)}")
+        counts[row_of[g]][column_of[p]] += 1
     return counts
 
 
-def classification_metrics(gold, predicted) -> dict:
+def classification_metrics(gold, predicted, names=LABELS) -> dict:
     """Accuracy, per-class precision/recall/F1/support, macro-F1, confusion matrix, unparsed share.
 
     A class that is never predicted has precision 0, one without gold examples recall 0, and
     F1 is 0 when precision + recall is 0 (sklearn's zero_division=0). Macro-F1 is the plain
-    mean over all six classes, so every class weighs the same whatever its support.
+    mean over all classes of `names`, so every class weighs the same whatever its support.
     """
-    counts = confusion_matrix(gold, predicted)
+    counts = confusion_matrix(gold, predicted, names)
     n = len(gold)
     if n == 0:
         raise ValueError("no predictions to score")
     per_class = {}
-    for i, label in enumerate(LABELS):
+    for i, label in enumerate(names):
         tp = counts[i][i]
         n_predicted = sum(row[i] for row in counts)
         support = sum(counts[i])
@@ -94,11 +114,11 @@ def classification_metrics(gold, predicted) -> dict:
         per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
     return {
         "n": n,
-        "accuracy": sum(counts[i][i] for i in range(len(LABELS))) / n,
-        "macro_f1": sum(c["f1"] for c in per_class.values()) / len(LABELS),
+        "accuracy": sum(counts[i][i] for i in range(len(names))) / n,
+        "macro_f1": sum(c["f1"] for c in per_class.values()) / len(names),
         "unparsed_share": sum(row[-1] for row in counts) / n,
         "per_class": per_class,
-        "confusion_matrix": {"rows": list(LABELS), "columns": list(COLUMNS), "counts": counts},
+        "confusion_matrix": {"rows": list(names), "columns": [*names, UNPARSED], "counts": counts},
     }
 
 

@@ -1,7 +1,7 @@
 """The whole method, end to end, as resumable stages.
 
     rgen       stage 1: fine-tune the base model to write the reasoning R from question Q and answer A
-    augment    stage 2: run that generator over the emotion training split, storing R for every row
+    augment    stage 2: run that generator over the labelled training split, storing R for every row
     q2a        stage 3: fine-tune the base model on text -> label (the baseline)
     q2ra       stage 3: fine-tune the base model on text -> reasoning + label
     eval_q2a   stage 4: generate on the test split, parse labels, write the report
@@ -16,6 +16,10 @@ whose settings differ from this run's is refused, so results are never silently 
 
     python pipeline.py --demo                # the four stages on CPU in minutes, nothing downloaded
     python pipeline.py --out runs/paper      # the real thing (Llama-3.2-1B-Instruct, one GPU)
+    python pipeline.py --data my_data --out runs/mine   # your own labelled set (README: "Your own data")
+
+The label set is resolved once from --data and the label flags (labelset.py), and every split is
+read with it before any stage runs, so that bad data stops the pipeline before it writes anything.
 """
 from __future__ import annotations
 
@@ -29,9 +33,12 @@ from pathlib import Path
 import augment
 import eval as evaluation
 import generate
+import labelset
+import readers
 import train
 from files import write_atomic, write_json
 from generate import SamplingConfig
+from labelset import EMOTION
 from report import plot_accuracies
 from runtime import one_line_errors, option, parse_config
 from data import TASKS
@@ -52,7 +59,15 @@ class PipelineConfig:
     rgen_data: str = option("syvai/reasoning-gen", "stage-1 data: folder or hub id")
     rgen_columns: str = option(TRAIN.rgen_columns, "stage-1 columns whose names are none of the known aliases: "
                                "question=COL,answer=COL,reasoning=COL")
-    emotion_data: str = option("dair-ai/emotion", "emotion data: folder, file or hub id")
+    data: str = option("dair-ai/emotion", "the labelled text set: a folder (train and test splits, a validation "
+                       "split optional) in the hub's layouts, or a hub id")
+    text_column: str = labelset.flag("text_column")
+    label_column: str = labelset.flag("label_column")
+    labels: str = labelset.flag("labels")
+    instruction: str = labelset.flag("instruction")
+    answer_prefix: str = labelset.flag("answer_prefix")
+    skip_bad: bool = option(False, "skip (and count) the data's bad rows, such as a test row whose label is not in "
+                            "the label set, instead of stopping at the first one")
     rgen_examples: int = option(20_000, "stage-1 subset of reasoning-gen rows")
     rgen_epochs: float = option(1.0, "stage-1 epochs")
     rgen_max_seq_len: int = option(TASKS["rgen"].max_seq_len, "stage-1 token limit per example")
@@ -99,33 +114,35 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
     generation_dtype = "fp32" if cfg.dtype == "fp32" else "bf16"
     augmented = out / "augment" / "train.jsonl"
     augmented_val = out / "augment" / "validation.jsonl"
+    labels = {name: getattr(cfg, name) for name in labelset.FLAGS}  # every stage resolves the same label set
     return [
         dict(name="rgen", inputs=[], run=run_train,
              settings=dict(train_common, task="rgen", data=cfg.rgen_data, rgen_columns=cfg.rgen_columns,
                            max_examples=cfg.rgen_examples, epochs=cfg.rgen_epochs, max_seq_len=cfg.rgen_max_seq_len)),
         # The training split, and the validation rows that q2ra checks its loss on.
         dict(name="augment", inputs=["rgen"], run=run_augment,
-             settings=dict(model=str(out / "rgen" / "best"), data=cfg.emotion_data,
+             settings=dict(model=str(out / "rgen" / "best"), data=cfg.data,
                            max_new_tokens=cfg.augment_max_new_tokens, dtype=generation_dtype, seed=cfg.seed,
                            train_out=str(augmented), validation_out=str(augmented_val),
-                           validation_rows=cfg.val_examples)),
+                           validation_rows=cfg.val_examples, skip_bad=cfg.skip_bad, **labels)),
         dict(name="q2a", inputs=[], run=run_train,
-             settings=dict(train_common, task="q2a", data=cfg.emotion_data, epochs=cfg.cls_epochs,
-                           max_seq_len=cfg.cls_max_seq_len, val_examples=cfg.val_examples)),
+             settings=dict(train_common, task="q2a", data=cfg.data, epochs=cfg.cls_epochs,
+                           max_seq_len=cfg.cls_max_seq_len, val_examples=cfg.val_examples, skip_bad=cfg.skip_bad,
+                           **labels)),
         dict(name="q2ra", inputs=["augment"], run=run_train,
              # skip_bad: a reasoning the generator left empty is dropped (and counted), not fatal
              # Both classifiers train on every training row and validate on the same validation rows.
              settings=dict(train_common, task="q2ra", data=str(augmented), val_data=str(augmented_val),
                            val_examples=cfg.val_examples, skip_bad=True, epochs=cfg.cls_epochs,
-                           max_seq_len=cfg.cls_max_seq_len)),
+                           max_seq_len=cfg.cls_max_seq_len, **labels)),
         dict(name="eval_q2a", inputs=["q2a"], run=run_eval,
-             settings=dict(model=str(out / "q2a" / "best"), task="q2a", data=cfg.emotion_data, split="test",
+             settings=dict(model=str(out / "q2a" / "best"), task="q2a", data=cfg.data, split="test",
                            limit=cfg.eval_limit or None, max_new_tokens=cfg.eval_max_new_tokens or None,
-                           dtype=generation_dtype)),
+                           dtype=generation_dtype, skip_bad=cfg.skip_bad, **labels)),
         dict(name="eval_q2ra", inputs=["q2ra"], run=run_eval,
-             settings=dict(model=str(out / "q2ra" / "best"), task="q2ra", data=cfg.emotion_data, split="test",
+             settings=dict(model=str(out / "q2ra" / "best"), task="q2ra", data=cfg.data, split="test",
                            limit=cfg.eval_limit or None, max_new_tokens=cfg.eval_max_new_tokens or None,
-                           dtype=generation_dtype)),
+                           dtype=generation_dtype, skip_bad=cfg.skip_bad, **labels)),
         dict(name="compare", inputs=["eval_q2a", "eval_q2ra"], run=run_compare,
              settings=dict(a=str(out / "eval_q2a" / "predictions.jsonl"),
                            b=str(out / "eval_q2ra" / "predictions.jsonl"))),
@@ -135,16 +152,30 @@ def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
 def run_train(settings: dict, folder: Path, cfg: PipelineConfig):
     # An interrupted run continues (also one stopped between the two renames of a save: train.recover_last).
     resume = (folder / "last" / "train_state.pt").is_file() or any(folder.glob(".last.old-*/train_state.pt"))
+    if settings.get("val_data") and not Path(settings["val_data"]).is_file():
+        # The data has no validation split, so stage 2 wrote none: q2ra holds out training rows, as q2a does.
+        settings = {**settings, "val_data": ""}
     train.train(train.TrainConfig(**settings, out=str(folder), device=cfg.device, compile=cfg.compile,
                                   grad_checkpointing=cfg.grad_checkpointing, resume=resume))
 
 
 def run_augment(settings: dict, folder: Path, cfg: PipelineConfig):
     sampling = generate.SamplingConfig(max_new_tokens=settings["max_new_tokens"], seed=settings["seed"])
+    labels = labelset.from_flags(settings["data"], cfg, settings["skip_bad"])
     for split, limit in (("train", None), ("validation", settings["validation_rows"])):
+        if split == "validation" and not has_split(settings["data"], split):
+            continue  # q2a and q2ra then hold out training rows for their validation loss
         augment.augment(settings["model"], settings["data"], split, settings[f"{split}_out"], sampling,
                          batch_size=cfg.gen_batch_size, limit=limit, device=cfg.device,
-                         dtype=settings["dtype"], compile=cfg.compile)
+                         dtype=settings["dtype"], compile=cfg.compile, labels=labels, skip_bad=settings["skip_bad"])
+
+
+def has_split(source, split: str) -> bool:
+    try:
+        readers.source_files(source, split)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def run_eval(settings: dict, folder: Path, cfg: PipelineConfig) -> dict:
@@ -152,7 +183,8 @@ def run_eval(settings: dict, folder: Path, cfg: PipelineConfig) -> dict:
     report = evaluation.evaluate(settings["model"], settings["task"], settings["data"], split=settings["split"],
                                  out_dir=folder, limit=settings["limit"], batch_size=cfg.gen_batch_size,
                                  max_new_tokens=settings["max_new_tokens"], device=cfg.device,
-                                 dtype=settings["dtype"], compile=cfg.compile)
+                                 dtype=settings["dtype"], compile=cfg.compile, skip_bad=cfg.skip_bad)
+    # (the label set is the one the checkpoint records: training resolved it from the same flags)
     return {k: report[k] for k in ("max_new_tokens", "max_new_tokens_from")}
 
 
@@ -165,12 +197,14 @@ def run_compare(settings: dict, folder: Path, cfg: PipelineConfig):
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.demo:
         import demo
         if cfg.base_model != demo.settings(out, cfg.demo_rows, cfg.seed)["base_model"]:
             raise ValueError("a demo run takes the demo's settings: build it with pipeline.demo_config()")
+        out.mkdir(parents=True, exist_ok=True)
         demo.prepare(out, cfg.demo_rows, cfg.seed)
+    check_data(cfg)  # before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     run_ids = {}
     for spec in stage_specs(cfg, out):
         name, folder = spec["name"], out / spec["name"]
@@ -199,6 +233,17 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     summary = summarize(out, cfg)
     print(summary["markdown"])
     return summary
+
+
+def check_data(cfg: PipelineConfig) -> labelset.LabelSet:
+    """The label set, and every split read with it, before any stage runs: data that cannot be
+    used (integer ids without names, one label, an unknown label in the test split, an empty text)
+    stops the pipeline with one line, before hours of training are spent on it."""
+    labels = labelset.from_flags(cfg.data, cfg, cfg.skip_bad)
+    for split in readers.SPLITS:
+        if split != "validation" or has_split(cfg.data, split):  # the one split a data set may lack
+            readers.read_labelled(cfg.data, split, labels.names, labels.text_column, labels.label_column, cfg.skip_bad)
+    return labels
 
 
 def demo_config(out: str = DEMO_OUT, demo_rows: int = PipelineConfig.demo_rows, seed: int = PipelineConfig.seed,
@@ -238,16 +283,19 @@ def summarize(out: Path, cfg: PipelineConfig) -> dict:
     if cfg.demo:
         import demo
         lines += [demo.EXPLANATION, ""]
-    lines += ["| classifier | accuracy (95% CI) | macro-F1 | unparsed | paper's accuracy |", "|---|---|---|---|---|"]
+    # The paper's figures are dair-ai/emotion's: beside another label set they would mislead.
+    paper = reports["q2a"].get("label_set", {}).get("names", list(EMOTION.names)) == list(EMOTION.names)
+    lines += ["| classifier | accuracy (95% CI) | macro-F1 | unparsed |" + (" paper's accuracy |" if paper else ""),
+              "|---|---|---|---|" + ("---|" if paper else "")]
     for task in ("q2a", "q2ra"):
         r, (lo, hi) = reports[task], intervals[task]
         lines.append(f"| {task} | {r['accuracy']:.1%} ({lo:.1%} to {hi:.1%}) | {r['macro_f1']:.1%} "
-                     f"| {r['unparsed_share']:.1%} | {PAPER[task]:.1%} |")
+                     f"| {r['unparsed_share']:.1%} |" + (f" {PAPER[task]:.1%} |" if paper else ""))
     lo, hi = cmp["ci95"]
     f1_diff = reports["q2ra"]["macro_f1"] - reports["q2a"]["macro_f1"]
     lines.append(f"| q2ra - q2a | {points(cmp['diff'])} (95% CI {100 * lo:+.1f} to {100 * hi:+.1f}; "
                  f"McNemar exact p = {cmp['mcnemar_p']:.3g}, {cmp['n']} paired rows) | {points(f1_diff)} | "
-                 f"| +8.7 points, p < .001 |")
+                 f"|" + (" +8.7 points, p < .001 |" if paper else ""))
     title = f"q2ra - q2a: {points(cmp['diff'])}, McNemar p = {cmp['mcnemar_p']:.2g}" + (" (demo)" if cfg.demo else "")
     if plot_accuracies(out / "summary.png", cmp, title=title):
         lines += ["", "![accuracy of both classifiers with 95% intervals](summary.png)"]

@@ -1,5 +1,6 @@
-"""The data sets on disk (or on the hub): dair-ai/emotion in its hub layouts, syvai/reasoning-gen
-streamed shard by shard, and stage 2's augmented jsonl, read into plain rows.
+"""The data sets on disk (or on the hub): any labelled text set (dair-ai/emotion among them) in
+the hub's layouts or as one file per split, syvai/reasoning-gen streamed shard by shard, and
+stage 2's augmented jsonl, read into plain rows.
 
 Readers raise a one-line ValueError naming the file and the row (1-based: "line N" in jsonl,
 "row N" in csv and parquet) on bad data. With skip_bad=True bad rows are left out instead: the
@@ -74,17 +75,26 @@ def _parquet_file(path: Path):
 
 
 def _columns(path: Path) -> list[str] | None:
-    """The column names of a parquet or csv file; None for jsonl, whose rows each carry their own."""
+    """The column names of a parquet, csv or tsv file; None for jsonl, whose rows each carry their own."""
     if path.name.endswith(".parquet"):
         return _parquet_file(path).schema_arrow.names
-    if path.name.endswith(".csv"):
+    if path.name.endswith((".csv", ".tsv")):
         with open(path, newline="", encoding="utf-8") as f:
-            return next(csv.reader(f), [])
+            return next(csv.reader(f, delimiter=_delimiter(path)), [])
     return None
 
 
+def _delimiter(path: Path) -> str:
+    return "\t" if path.name.endswith(".tsv") else ","
+
+
+def parquet_metadata(path) -> dict[bytes, bytes]:
+    """A parquet file's schema metadata (the hub's files keep their features under b"huggingface")."""
+    return _parquet_file(Path(path)).schema_arrow.metadata or {}
+
+
 def _records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[str, dict | None]]:
-    """(where, record) for each row of a .parquet, .csv or .jsonl(.gz) file; where is "row N"
+    """(where, record) for each row of a .parquet, .csv, .tsv or .jsonl(.gz) file; where is "row N"
     or "line N" (1-based); record is None for a line that is not a JSON object."""
     name = path.name
     if name.endswith(".parquet"):  # batch by batch: a 215 MB shard is never in memory whole
@@ -93,9 +103,9 @@ def _records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[str
             for record in batch.to_pylist():
                 n += 1
                 yield f"row {n}", record
-    elif name.endswith(".csv"):
+    elif name.endswith((".csv", ".tsv")):
         with open(path, newline="", encoding="utf-8") as f:
-            for n, record in enumerate(csv.DictReader(f), 1):
+            for n, record in enumerate(csv.DictReader(f, delimiter=_delimiter(path)), 1):
                 yield f"row {n}", record
     elif name.endswith((".jsonl", ".jsonl.gz")):
         with (gzip.open(path, "rt", encoding="utf-8") if name.endswith(".gz") else open(path, encoding="utf-8")) as f:
@@ -107,7 +117,7 @@ def _records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[str
                         record = None
                     yield f"line {n}", record if isinstance(record, dict) else None
     else:
-        raise ValueError(f"{path}: unknown file type (expected .parquet, .csv, .jsonl or .jsonl.gz)")
+        raise ValueError(f"{path}: unknown file type (expected .parquet, .csv, .tsv, .jsonl or .jsonl.gz)")
 
 
 def _parse_file(path: Path, parse: Callable[[dict, int], dict], skip_bad: bool, first_index: int,
@@ -150,13 +160,13 @@ def _collect(stream: RowStream) -> Rows:
     return Rows(rows, stream.skipped)
 
 
-def _local_or_download(source, **patterns) -> Path:
+def local_source(source, **patterns) -> Path:
     """source as a local path; a hub dataset id (owner/name) is downloaded once into the HF cache."""
     path = Path(source).expanduser()
     if path.exists():
         return path
     hub_id = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(source)) and not str(source).endswith(
-        (".jsonl", ".gz", ".csv", ".parquet", ".json"))
+        (".jsonl", ".gz", ".csv", ".tsv", ".parquet", ".json"))
     if not hub_id:
         raise FileNotFoundError(f"{source}: no such file or folder")
     from huggingface_hub import snapshot_download
@@ -168,43 +178,69 @@ def _local_or_download(source, **patterns) -> Path:
                            f"(offline? {type(e).__name__}: {first_line})") from None
 
 
-# ----------------------------------------------------------------------------- emotion
+# ----------------------------------------------------------------------------- labelled text sets
 
-EMOTION_SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test")
+EMOTION_SPLITS = SPLITS  # the name older code and tests use
+SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev")}  # the file names the hub accepts for a split
 
 
-def _label_name(value) -> str | None:
-    """A label id 0-5 (int or digits) or name (any case) as its LABELS name; None if neither."""
+def label_matcher(names) -> Callable[[object], str | None]:
+    """value -> its name in `names`, or None: the name itself, the name in any case, or its id
+    (an int, or digits); a name is tried before an id, so that labels "1".."5" stay names."""
+    exact, lower = set(names), {name.lower(): name for name in names}
+
+    def match(value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return names[value] if 0 <= value < len(names) else None
+        if not isinstance(value, str):
+            return None
+        value = value.strip()
+        if value in exact or value.lower() in lower:
+            return value if value in exact else lower[value.lower()]
+        return match(int(value)) if value.isdigit() else None
+    return match
+
+
+def _raw_label(value):
+    """A label as the file has it, for a label set still to be found: a stripped name or an int id."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return LABELS[value] if 0 <= value < len(LABELS) else None
-    if isinstance(value, str):
-        value = value.strip().lower()
-        return _label_name(int(value)) if value.isdigit() else value if value in LABELS else None
-    return None
+        return value
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise _BadRow(f"label {value!r} is neither a name nor an integer id")
 
 
-def _emotion_row(record: dict, index: int, extra: tuple[str, ...] = ()) -> dict:
-    """The record with label as a LABELS name and an id (its own, else index); _BadRow if unusable."""
-    for name in ("text", "label") + extra:
+def _labelled_row(record: dict, index: int, columns=("text", "label"), names=None, match=None,
+                  extra: tuple[str, ...] = ()) -> dict:
+    """The record with its text and label under "text" and "label", the label a name of `names`
+    (raw without names), and an id (its own, else index); _BadRow if unusable."""
+    text_column, label_column = columns
+    for name in (text_column, label_column) + extra:
         if record.get(name) is None:
             raise _BadRow(f"missing field '{name}' (found: {', '.join(record) or 'nothing'})")
-    if not isinstance(record["text"], str) or not record["text"].strip():
-        raise _BadRow("empty text")
-    label = _label_name(record["label"])
+    if not isinstance(record[text_column], str) or not record[text_column].strip():
+        raise _BadRow("empty text" + (f" (column '{text_column}')" if text_column != "text" else ""))
+    label = _raw_label(record[label_column]) if names is None else match(record[label_column])
     if label is None:
-        raise _BadRow(f"unknown label {record['label']!r} (expected 0-5 or one of {', '.join(LABELS)})")
+        raise _BadRow(f"unknown label {record[label_column]!r} (expected 0-{len(names) - 1} or one of "
+                      f"{', '.join(names)})")
     for name in extra:
         if not isinstance(record[name], str) or not record[name].strip():
             raise _BadRow(f"empty {name}")
-    return {**record, "id": record["id"] if record.get("id") is not None else index, "label": label}
+    row_id = record["id"] if record.get("id") is not None else index
+    return {**record, "id": row_id, "text": record[text_column], "label": label}
 
 
-def _emotion_files(folder: Path, split: str) -> list[Path]:
+def split_files(folder: Path, split: str) -> list[Path]:
     # The hub's "split" config (split/), an export or mirror (data/), a config folder itself
-    # (point at .../unsplit to read that config: its 417k rows overlap the split config's test
-    # set, so it is never picked implicitly), the older data/{split}.jsonl.gz, and plain files.
-    patterns = [f"split/{split}-*.parquet", f"data/{split}-*.parquet", f"{split}-*.parquet",
-                f"data/{split}.jsonl.gz", f"{split}.jsonl", f"{split}.jsonl.gz", f"{split}.csv", f"{split}.parquet"]
+    # (point at .../unsplit to read dair-ai/emotion's: its 417k rows overlap the split config's
+    # test set, so it is never picked implicitly), data/{split}.jsonl.gz, and plain files.
+    patterns = []
+    for name in SPLIT_NAMES.get(split, (split,)):
+        patterns += [f"split/{name}-*.parquet", f"data/{name}-*.parquet", f"{name}-*.parquet",
+                     f"data/{name}.jsonl.gz", f"{name}.jsonl", f"{name}.jsonl.gz", f"{name}.csv", f"{name}.tsv",
+                     f"{name}.parquet", f"data/{name}.jsonl", f"data/{name}.csv", f"data/{name}.tsv"]
     for pattern in patterns:
         files = sorted(folder.glob(pattern))
         if files:
@@ -212,35 +248,51 @@ def _emotion_files(folder: Path, split: str) -> list[Path]:
     raise FileNotFoundError(f"{folder}: no '{split}' split here (looked for {', '.join(patterns)})")
 
 
-def read_emotion(source, split: str, skip_bad: bool = False) -> Rows:
-    """dair-ai/emotion rows {id, text, label}: label a LABELS name, id the file's id column or
-    else the row's index in the split. source: a folder in one of the hub's layouts (see
-    _emotion_files), a single .parquet/.jsonl(.gz)/.csv file (which is the split), or a hub id.
-    Labels may be ids 0-5 or names."""
-    if split not in EMOTION_SPLITS:
-        raise ValueError(f"split '{split}' is not one of {', '.join(EMOTION_SPLITS)}")
-    path = _local_or_download(source, ignore_patterns=["unsplit/*"])  # 27 MB we would never read
-    files = [path] if path.is_file() else _emotion_files(path, split)
+def source_files(source, split: str) -> list[Path]:
+    """The files of one split: source a folder in one of the hub's layouts (see split_files), a
+    single .parquet/.jsonl(.gz)/.csv/.tsv file (which is the split), or a hub id (downloaded once)."""
+    if split not in SPLITS:
+        raise ValueError(f"split '{split}' is not one of {', '.join(SPLITS)}")
+    path = local_source(source, ignore_patterns=["unsplit/*"])  # dair-ai/emotion: 27 MB we would never read
+    return [path] if path.is_file() else split_files(path, split)
+
+
+def read_labelled(source, split: str, names=None, text_column: str = "text", label_column: str = "label",
+                  skip_bad: bool = False) -> Rows:
+    """Rows {id, text, label} of a labelled text set's split: label one of `names`, read as the
+    name (any case) or its id (0-based, in the order of names); with names None, the label as
+    the file has it (a name, or an int id). id is the file's id column, else the row's index in
+    the split. Columns are found by name (text_column, label_column)."""
+    files = source_files(source, split)
     for file in files:  # checked up front: wrong columns are the file's fault, never skipped
         found = _columns(file)
-        if found is not None and not {"text", "label"} <= set(found):
-            raise ValueError(f"{file}: expected columns text and label, found: {', '.join(found) or 'none'}")
+        if found is not None and not {text_column, label_column} <= set(found):
+            raise ValueError(f"{file}: expected columns {text_column} and {label_column}, found: "
+                             f"{', '.join(found) or 'none'} (name them with --text-column and --label-column)")
+    match = None if names is None else label_matcher(names)
 
     def parse(record, index):
-        row = _emotion_row(record, index)
+        row = _labelled_row(record, index, (text_column, label_column), names, match)
         return {"id": row["id"], "text": row["text"], "label": row["label"]}
     return _collect(RowStream(_parse_files(files, lambda file: (parse, None), skip_bad)))
 
 
-def read_augmented(path, skip_bad: bool = False) -> Rows:
-    """Stage 2's output: jsonl rows {id, text, label, reasoning, ...}, every field kept, label as
-    a name; `settings` holds what stage 2 ran with (its sidecar, see settings_path; {} without)."""
+def read_emotion(source, split: str, skip_bad: bool = False) -> Rows:
+    """dair-ai/emotion rows {id, text, label}, label a LABELS name (read_labelled with its names)."""
+    return read_labelled(source, split, LABELS, skip_bad=skip_bad)
+
+
+def read_augmented(path, skip_bad: bool = False, names=LABELS) -> Rows:
+    """Stage 2's output: jsonl rows {id, text, label, reasoning, ...}, every field kept, label a
+    name of `names`; `settings` holds what stage 2 ran with (its sidecar, see settings_path; {}
+    without)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    match = label_matcher(names)
 
     def parse(record, index):
-        return _emotion_row(record, index, extra=("reasoning",))
+        return _labelled_row(record, index, names=names, match=match, extra=("reasoning",))
     rows = _collect(RowStream(_parse_files([path], lambda file: (parse, None), skip_bad)))
     rows.settings = read_json(settings_path(path)) if settings_path(path).is_file() else {}
     return rows
@@ -324,7 +376,7 @@ def iter_reasoning_gen(source, max_examples: int | None = None, skip_bad: bool =
     not the first ones, which would all come from one part of the set if its shards are grouped
     by domain. source: folder, file or hub id. id is the file's id column, else the row's index
     over all shards. columns: {role: column name} for roles whose column has no known alias."""
-    files = _rgen_files(_local_or_download(source))
+    files = _rgen_files(local_source(source))
     wanted = None
     if max_examples:
         total = sum(_row_count(f) for f in files)

@@ -46,14 +46,15 @@ def read_predictions(path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- report
 
-def write_report(out_dir, predictions: list[dict], meta: dict) -> dict:
+def write_report(out_dir, predictions: list[dict], meta: dict, names=LABELS) -> dict:
     """Write predictions.jsonl, report.json, report.md and confusion_matrix.png (if matplotlib
     is installed) to out_dir; return the report. `predictions` rows hold id, text, gold,
     predicted, raw, n_tokens, hit_limit (the reply reached max_new_tokens); `meta` describes
-    the run (task, model, data, split, scoring, wall_time_s, ...) and is copied into the report."""
+    the run (task, model, data, split, scoring, wall_time_s, ...) and is copied into the report;
+    names: the label set's names, in id order."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = classification_metrics([p["gold"] for p in predictions], [p["predicted"] for p in predictions])
+    metrics = classification_metrics([p["gold"] for p in predictions], [p["predicted"] for p in predictions], names)
     generated = meta.get("scoring", "generate") == "generate"  # logprob scoring generates nothing
     wall = meta.get("wall_time_s")
     unparsed = [p for p in predictions if p["predicted"] == UNPARSED]
@@ -69,31 +70,36 @@ def write_report(out_dir, predictions: list[dict], meta: dict) -> dict:
     }
     write_jsonl_atomic(out_dir / "predictions.jsonl", predictions)
     write_json(out_dir / "report.json", report)
-    png = plot_confusion(out_dir / "confusion_matrix.png", metrics["confusion_matrix"]["counts"])
+    matrix = metrics["confusion_matrix"]
+    png = plot_confusion(out_dir / "confusion_matrix.png", matrix["counts"], matrix["rows"], matrix["columns"])
     write_atomic(out_dir / "report.md", render_markdown(report, predictions, png))
     return report
 
 
-def plot_confusion(path, counts) -> bool:
-    """Draw the confusion matrix to a PNG; False when matplotlib is not installed."""
+def plot_confusion(path, counts, rows=LABELS, columns=COLUMNS) -> bool:
+    """Draw the confusion matrix to a PNG; False when matplotlib is not installed. Past 10
+    columns the figure grows with them and its text shrinks, so 20 or 50 labels stay readable."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         return False
     # A bare Figure on the Agg canvas: no display needed, and pyplot's global backend untouched.
-    fig = Figure(figsize=(7, 5.5), layout="constrained")
+    n = len(columns)
+    fig = Figure(figsize=(7, 5.5) if n <= 10 else (2.5 + 0.45 * n, 2 + 0.4 * n), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.imshow(counts, cmap="Blues")
-    ax.set_xticks(range(len(COLUMNS)), COLUMNS, rotation=45, ha="right")
-    ax.set_yticks(range(len(LABELS)), LABELS)
+    names = [name if len(name) <= 24 else name[:23] + "…" for name in columns]
+    ax.set_xticks(range(n), names, rotation=45 if n <= 10 else 90, ha="right" if n <= 10 else "center")
+    ax.set_yticks(range(len(rows)), names[:len(rows)])
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
-    top = max(max(row) for row in counts) or 1
+    top, size = max(max(row) for row in counts) or 1, 10 if n <= 10 else 8 if n <= 25 else 6
     for i, row in enumerate(counts):
         for j, count in enumerate(row):
-            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=size,
+                    color="white" if count > top / 2 else "black")
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return True
 
@@ -124,7 +130,7 @@ def plot_accuracies(path, comparison: dict, names=("q2a", "q2ra"), title: str = 
 
 
 def render_markdown(report: dict, predictions: list[dict], png: bool) -> str:
-    r = report
+    r, matrix = report, report["confusion_matrix"]
     mean_tokens = ("n/a (logprob scoring generates nothing)" if r["mean_new_tokens"] is None
                    else f"{r['mean_new_tokens']:.1f}")
     lines = [
@@ -148,12 +154,13 @@ def render_markdown(report: dict, predictions: list[dict], png: bool) -> str:
 
     lines += ["", "## Per class", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for label, c in r["per_class"].items():
-        lines.append(f"| {label} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
+        lines.append(f"| {cell(label)} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
 
     lines += ["", "## Confusion matrix (rows: gold, columns: predicted)", "",
-              "| gold \\ predicted | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for label, row in zip(LABELS, r["confusion_matrix"]["counts"]):
-        lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
+              "| gold \\ predicted | " + " | ".join(map(cell, matrix["columns"])) + " |",
+              "|---" * (len(matrix["columns"]) + 1) + "|"]
+    for label, row in zip(matrix["rows"], matrix["counts"]):
+        lines.append(f"| {cell(label)} | " + " | ".join(map(str, row)) + " |")
     lines += ["", "![confusion matrix](confusion_matrix.png)" if png
               else "(confusion_matrix.png not written: matplotlib is not installed)"]
 
@@ -174,6 +181,11 @@ def scoring_text(report: dict) -> str:
     budget, source = report.get("max_new_tokens"), report.get("max_new_tokens_from")
     return ("generate (greedy" + (f", max_new_tokens={budget}" if budget else "")
             + (f" from {source}" if source else "") + ")")
+
+
+def cell(text: str) -> str:
+    """A label as a markdown table cell: a "|" in it would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def fenced(text: str, max_chars: int = 1500) -> list[str]:

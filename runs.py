@@ -87,23 +87,26 @@ def recover_last(out: Path):
     barrier()
 
 
-def open_folder(out: Path, config: dict, resume: bool, may_change: set):
-    """A new run starts in a folder without one; --resume needs one that trains the same way."""
+def open_folder(out: Path, config: dict, resume: bool, may_change: set, facts: dict | None = None):
+    """A new run starts in a folder without one; --resume needs one that trains the same way
+    (check_resumable)."""
     if resume:
-        check_resumable(out, config, may_change)
+        check_resumable(out, config, may_change, facts)
     elif (out / "last" / "train_state.pt").exists():
         raise FileExistsError(f"{out / 'last'}: a run is already there; pass --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
 
 
-def check_resumable(out: Path, config: dict, may_change: set):
+def check_resumable(out: Path, config: dict, may_change: set, facts: dict | None = None):
     """There is a run to resume, and the resumed run trains the same way as the one it continues:
-    every setting of `config` but those in may_change is the one train_config.json recorded."""
+    every setting of `config` but those in may_change is the one train_config.json recorded, and
+    so is each of `facts` (what the settings resolved to, such as the label set of the data)."""
     recover_last(out)
     if not (out / "last" / "train_state.pt").is_file():
         raise FileNotFoundError(f"{out / 'last' / 'train_state.pt'}: no saved run to --resume")
-    saved = json.loads((out / "train_config.json").read_text())["config"]
-    for name, value in config.items():
+    recorded = json.loads((out / "train_config.json").read_text())
+    saved = {**recorded["config"], **{name: recorded.get(name) for name in facts or {}}}
+    for name, value in {**config, **(facts or {})}.items():
         if name not in may_change and saved.get(name) != value:
             raise ValueError(f"{out / 'train_config.json'}: the run was started with {name}={saved.get(name)!r}, "
                              f"cannot --resume it with {name}={value!r}")

@@ -66,6 +66,7 @@ import checkpoint
 import data
 import lora
 import memory
+import labelset
 import runs
 from checkpoint import resolve_checkpoint
 from files import write_json
@@ -139,6 +140,12 @@ class TrainConfig:
     device: str = option("", "cuda, cuda:N or cpu (default: cuda when available); under torchrun, "
                      "cuda and cuda:N mean the GPU LOCAL_RANK")
     skip_bad: bool = option(False, "skip (and count) bad data rows instead of stopping at the first one")
+    # q2a/q2ra: the label set and the wording (labelset.FLAGS); recorded in train_config.json and every checkpoint
+    text_column: str = labelset.flag("text_column")
+    label_column: str = labelset.flag("label_column")
+    labels: str = labelset.flag("labels")
+    instruction: str = labelset.flag("instruction")
+    answer_prefix: str = labelset.flag("answer_prefix")
 
     def __post_init__(self):
         for f in fields(self):
@@ -275,7 +282,10 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.grad_accum % world:
         raise ValueError(f"--grad-accum {cfg.grad_accum} is not a multiple of the {world} ranks, "
                          f"which share each step's micro-batches")
-    runs.open_folder(out, asdict(cfg), cfg.resume, RESUMABLE_CHANGES)
+    # q2a/q2ra: the label set of the data and flags, resolved before the run folder is made (rgen has none)
+    rgen = data.get_task(cfg.task).rows == "reasoning-gen"
+    labels = None if rgen else labelset.from_flags(cfg.data, cfg, cfg.skip_bad)
+    runs.open_folder(out, asdict(cfg), cfg.resume, RESUMABLE_CHANGES, {"label_set": labels and labels.settings()})
 
     # seed and device
     random.seed(cfg.seed)
@@ -288,7 +298,7 @@ def setup(cfg: TrainConfig) -> Run:
     tokenizer = Tokenizer(base_dir)
     train_set, val_set, data_counts = data.load_examples(
         cfg.task, cfg.data, tokenizer, cfg.max_seq_len, cfg.max_examples, cfg.val_examples, cfg.val_data,
-        cfg.seed, cfg.skip_bad, cfg.rgen_columns)
+        cfg.seed, cfg.skip_bad, cfg.rgen_columns, labels or labelset.EMOTION)  # rgen has no labels
     if not train_set:
         raise ValueError(f"{cfg.data}: no training examples for task {cfg.task}")
     steps_per_epoch = len(epoch_steps(cfg, train_set, epoch=0))
@@ -323,6 +333,8 @@ def setup(cfg: TrainConfig) -> Run:
         runs.truncate_metrics(out / "metrics.jsonl", progress["step"])
     # Saved with every checkpoint: the tokenizer, our chat template and the reply budget.
     files = tokenizer.serving_files(max_new_tokens=data_counts["max_new_tokens"])
+    if labels:  # and the label set, which eval.py reads back
+        files[labelset.LABEL_SET_FILE] = json.dumps(labels.settings(), indent=2, ensure_ascii=False) + "\n"
     return Run(out, device, model, optimizer, train_set, val_batches, tokenizer.pad_id, bool(val_set), files,
                cfg.model, planned["bytes"]["total"], peak_memory, total_steps, stop_step, progress)
 

@@ -2,6 +2,7 @@
 the settings sidecar), a run killed with SIGKILL and resumed, shards and resumes that sample
 what a whole run samples, and refusals to mix sources or splits."""
 import json
+from functools import partial
 import os
 import signal
 import subprocess
@@ -106,8 +107,8 @@ def read_rows(path) -> dict:
 def test_stage2_survives_sigkill_and_a_torn_line(model_dir, tmp_path):
     n = 16
     src = emotion_file(tmp_path, n)
-    common = ["--model", model_dir, "--data", src, "--split", "train",
-              "--batch-size", 2, "--max-new-tokens", 32]
+    common = ["--model", model_dir, "--data", src, "--split", "train", "--labels", "sadness,joy,love,anger,fear,surprise",
+              "--batch-size", 2, "--max-new-tokens", 32]  # the file's labels are ids: --labels names them
     run_cli(*common, "--out", tmp_path / "whole.jsonl")
     whole, count = read_rows(tmp_path / "whole.jsonl")
     assert count == n and sorted(whole) == list(range(n))
@@ -143,7 +144,9 @@ def test_stage2_refuses_to_resume_from_another_split_or_source(model_dir, tmp_pa
     """Ids 0..1999 exist in the train split and in the validation split: the sidecar records the
     source and the split, and a resume from another is one clear error."""
     import readers
-    from augment import augment
+    from augment import augment as augment_any
+    from labelset import EMOTION
+    augment = partial(augment_any, labels=EMOTION)  # the file's labels are dair-ai/emotion's ids
     src = emotion_file(tmp_path, 3)
     out, cfg = tmp_path / "aug.jsonl", SamplingConfig(max_new_tokens=4)
     augment(model_dir, src, "train", out, cfg, limit=2)

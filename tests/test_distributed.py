@@ -115,7 +115,7 @@ def test_grad_accum_must_be_shared_evenly(assets, tmp_path):
 
 def stage2_args(model_dir, src, out):
     return ["--model", model_dir, "--data", src, "--split", "train", "--batch-size", 2,
-            "--max-new-tokens", 32, "--out", out]
+            "--max-new-tokens", 32, "--out", out, "--labels", "sadness,joy,love,anger,fear,surprise"]  # ids in src
 
 
 def child_pids(pid: int) -> list[int]:

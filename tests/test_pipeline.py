@@ -118,8 +118,11 @@ def test_compile_reaches_training_and_stage_2(monkeypatch, tmp_path):
     """--compile is a speed setting: it is handed to training, stage 2 and the evaluations, not
     part of any stage's settings."""
     import augment
+    import labelset
     import train
     seen = {}
+    monkeypatch.setattr(labelset, "from_flags", lambda *a, **kw: labelset.EMOTION)  # no download of dair-ai/emotion
+    monkeypatch.setattr(pipeline, "has_split", lambda *a: True)
     monkeypatch.setattr(train, "train", lambda cfg: seen.setdefault("train", cfg.compile))
     import eval as evaluation
     monkeypatch.setattr(augment, "augment", lambda *a, **kw: seen.setdefault("augment", kw["compile"]))

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import labelset
 import runs
 import readers
 from files import write_json
@@ -542,7 +543,8 @@ def test_the_longest_q2ra_target_parses_within_the_default_budget(assets, tmp_pa
     rows = [dict(row) for row in assets.rows[:8]]
     rows[3]["reasoning"] = tokenizer.decode(tokenizer.encode(long_text * 4)[:cap])  # as stage 2 writes a capped one
     augmented = write_jsonl(tmp_path / "train.jsonl", rows, ("id", "text", "label", "reasoning"))
-    write_json(readers.settings_path(augmented), {"task": "rgen", "max_new_tokens": cap})
+    write_json(readers.settings_path(augmented), {"task": "rgen", "max_new_tokens": cap,  # as stage 2 records them
+                                                  "label_set": labelset.EMOTION.settings()})
     out = tmp_path / "run"
     train.train(run_config(assets, out, task="q2ra", data=str(augmented), val_examples=0, max_steps=1,
                            batch_size=8, grad_accum=1))
