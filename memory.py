@@ -15,7 +15,8 @@ The estimate follows what this code keeps alive, per token of the micro-batch:
 - activations: what autograd saves in one block (the two RMSNorms' fp32 inputs, the projections'
   inputs, RoPE's fp32 tensors, attention's q, k, v and output, SwiGLU's four wide tensors), for
   every block, or with gradient checkpointing only each block's input plus one block recomputed;
-  and once more for the activation gradients of the block the backward pass is in;
+  and once more for the activation gradients of the block the backward pass is in; under LoRA
+  also each adapter's input and its rank-sized product;
 - logits: the positions with a loss times the vocabulary, as logits, their fp32 copy, the saved
   log-softmax and its gradient; with gradient checkpointing only a chunk of positions at a time;
 - the embedding's gradient as the backward pass forms it, before adding it to the parameter's
@@ -87,6 +88,9 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     residual = 2 if dtype == "bf16-pure" or (lora_rank and dtype != "fp32") else 4
     tokens = batch * seq
     block = tokens * block_activation_bytes(c, dtype == "bf16", compute)
+    if lora_rank:  # each adapter keeps its own copy of the layer's input, and A x, for its two matmuls
+        shapes = linear_shapes(c)
+        block += tokens * compute * sum(shapes[t][0] + lora_rank for t in lora_targets)
     layers = c.num_hidden_layers
     kept = layers * tokens * residual * c.hidden_size + block if grad_checkpointing else layers * block
     activations = kept + block                               # + the gradients of one block's activations
