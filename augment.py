@@ -272,7 +272,7 @@ def write_rows(part: Path, rows: list[dict], model_dir, cfg: SamplingConfig, bat
 # ----------------------------------------------------------------------------- command line
 
 @dataclass(kw_only=True)
-class AugmentFlags(GenerationFlags):
+class AugmentFlags(GenerationFlags, labelset.LabelFlags):
     model: str = field(metadata={"help": "the stage-1 checkpoint folder (or hub id)"})
     data: str = field(metadata={"help": "labelled text set: folder, file or hub id"})
     out: str = field(metadata={"help": "output jsonl; resumed if it exists"})
@@ -281,11 +281,6 @@ class AugmentFlags(GenerationFlags):
     limit: int = option(0, "only the first N rows (0: all)")
     force: bool = option(False, "resume --out even if its settings differ")
     skip_bad: bool = option(False, "skip (and count) bad data rows instead of stopping at the first one")
-    text_column: str = labelset.flag("text_column")
-    label_column: str = labelset.flag("label_column")
-    labels: str = labelset.flag("labels")
-    instruction: str = labelset.flag("instruction")
-    answer_prefix: str = labelset.flag("answer_prefix")
 
 
 def main(argv=None):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import readers
@@ -74,22 +74,22 @@ EMOTION = LabelSet(tuple(LABELS), EMOTION_INSTRUCTION, EMOTION_PREFIX, EMOTION_Q
 
 # ----------------------------------------------------------------------------- flags
 
-FLAGS = {
-    "text_column": ("text", "the column that holds the text"),
-    "label_column": ("label", "the column that holds the label: a name, or an integer id"),
-    "labels": ("", "the label names in id order, comma-separated (default: the data's ClassLabel names, "
-                   "else the sorted set of the training split's string labels)"),
-    "instruction": ("", "the classifiers' instruction before the text, {labels} filled in (default: "
-                        f"'{GENERIC_INSTRUCTION}'; for the six emotions, dair-ai/emotion's '{EMOTION_INSTRUCTION}')"),
-    "answer_prefix": ("", f"the prefix of q2ra's answer line (default: '{GENERIC_PREFIX}'; for the six "
-                          f"emotions '{EMOTION_PREFIX}')"),
-}
+@dataclass(kw_only=True)
+class LabelFlags:
+    """The five flags every stage takes: a stage's flags dataclass inherits them (train.TrainConfig,
+    augment.AugmentFlags, pipeline.PipelineConfig); eval.py adds them as FLAGS."""
+    text_column: str = option("text", "the column that holds the text")
+    label_column: str = option("label", "the column that holds the label: a name, or an integer id")
+    labels: str = option("", "the label names in id order, comma-separated (default: the data's ClassLabel "
+                         "names, else the sorted set of the training split's string labels)")
+    instruction: str = option("", "the classifiers' instruction before the text, {labels} filled in (default: "
+                              f"'{GENERIC_INSTRUCTION}'; for the six emotions, dair-ai/emotion's "
+                              f"'{EMOTION_INSTRUCTION}')")
+    answer_prefix: str = option("", f"the prefix of q2ra's answer line (default: '{GENERIC_PREFIX}'; for the "
+                                f"six emotions '{EMOTION_PREFIX}')")
 
 
-def flag(name: str):
-    """The config field of one of FLAGS, for a stage's flags dataclass."""
-    default, help = FLAGS[name]
-    return option(default, help)
+FLAGS = {f.name: (f.default, f.metadata["help"]) for f in fields(LabelFlags)}  # name: (default, help)
 
 
 def add_arguments(parser):

@@ -53,7 +53,7 @@ TRAIN = TrainConfig
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(labelset.LabelFlags):
     out: str = option("runs/paper", "folder holding every stage's output")
     base_model: str = option(TRAIN.model, "checkpoint folder or hub id every model starts from")
     rgen_data: str = option("syvai/reasoning-gen", "stage-1 data: folder or hub id")
@@ -61,11 +61,6 @@ class PipelineConfig:
                                "question=COL,answer=COL,reasoning=COL")
     data: str = option("dair-ai/emotion", "the labelled text set: a folder (train and test splits, a validation "
                        "split optional) in the hub's layouts, or a hub id")
-    text_column: str = labelset.flag("text_column")
-    label_column: str = labelset.flag("label_column")
-    labels: str = labelset.flag("labels")
-    instruction: str = labelset.flag("instruction")
-    answer_prefix: str = labelset.flag("answer_prefix")
     skip_bad: bool = option(False, "skip (and count) the data's bad rows, such as a test row whose label is not in "
                             "the label set, instead of stopping at the first one")
     rgen_examples: int = option(20_000, "stage-1 subset of reasoning-gen rows")

@@ -127,9 +127,10 @@ def option(default, help: str, **kw):
 def parse_config(cls, argv=None, description: str = "", defaults: dict | None = None):
     """cls(**flags): argparse flags generated from a config dataclass's fields, so that names,
     defaults and help have one source of truth. A bool field is a switch; a field without a
-    default is a required flag. `defaults` replaces some fields' defaults (e.g. a preset)."""
+    default is a required flag. `defaults` replaces some fields' defaults (e.g. a preset).
+    Keyword-only fields (those a config inherits, such as labelset.LabelFlags) come last in --help."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
+    for f in sorted(fields(cls), key=lambda f: f.kw_only):  # stable: each group keeps its order
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         default = (defaults or {}).get(f.name, f.default)
         if f.type == "bool":

@@ -80,7 +80,7 @@ from runtime import (all_sum, barrier, default_device, distributed, is_main, opt
 # ----------------------------------------------------------------------------- config
 
 @dataclass
-class TrainConfig:
+class TrainConfig(labelset.LabelFlags):  # q2a/q2ra: the label set and wording, recorded with every checkpoint
     task: str = field(metadata={"help": "rgen (stage 1: question + answer -> reasoning), q2a (text -> emotion) "
                                         "or q2ra (text -> reasoning + 'Emotion: <label>')",
                                 "choices": tuple(data.TASKS)})
@@ -140,12 +140,6 @@ class TrainConfig:
     device: str = option("", "cuda, cuda:N or cpu (default: cuda when available); under torchrun, "
                      "cuda and cuda:N mean the GPU LOCAL_RANK")
     skip_bad: bool = option(False, "skip (and count) bad data rows instead of stopping at the first one")
-    # q2a/q2ra: the label set and the wording (labelset.FLAGS); recorded in train_config.json and every checkpoint
-    text_column: str = labelset.flag("text_column")
-    label_column: str = labelset.flag("label_column")
-    labels: str = labelset.flag("labels")
-    instruction: str = labelset.flag("instruction")
-    answer_prefix: str = labelset.flag("answer_prefix")
 
     def __post_init__(self):
         for f in fields(self):
