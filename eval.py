@@ -24,10 +24,9 @@ The label parser, the metrics and the paired tests are metrics.py's; the model s
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from files import write_json
 from labelset import EMOTION, LabelSet
 from metrics import LABELS, bootstrap_diff_ci, mcnemar_exact, parse_label, wilson_interval
 from report import read_predictions, write_report
+from runtime import one_line_errors, option, parse_config
 from tokenizer import Tokenizer
 
 TASKS = ("q2a", "q2ra")  # the classifiers
@@ -246,39 +246,36 @@ def reply_logprobs(model, encoded: list[tuple[list[int], list[bool]]], pad_id: i
 
 # ----------------------------------------------------------------------------- CLI
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        description="Evaluate a text classifier (q2a / q2ra), or compare two evaluation runs.",
-        epilog="examples:\n"
-               "  python eval.py --model runs/q2ra/best --task q2ra --data dair-ai/emotion --out runs/q2ra/eval\n"
-               "  python eval.py --compare runs/q2a/eval/predictions.jsonl runs/q2ra/eval/predictions.jsonl",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                   help="compare two predictions.jsonl files of the same examples (difference B - A) "
-                        "instead of evaluating a model")
-    p.add_argument("--model", help="checkpoint folder (or hub id) with config.json, safetensors and tokenizer")
-    p.add_argument("--task", choices=TASKS, help="q2a: label only; q2ra: reasoning, then label")
-    p.add_argument("--data", help="labelled text set (dair-ai/emotion, ...): folder, file or hub id")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--out", help="output folder (evaluation), or JSON file for the result (--compare, optional)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N rows")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (default: 32)")
-    p.add_argument("--max-new-tokens", type=int,
-                   help="reply budget (default: the checkpoint's generation_config.json max_new_tokens, which "
-                        "train.py sets to cover its longest training reply: for q2ra stage 2's reasoning cap "
-                        "plus the answer line; without one, 8 for q2a and 256 + the answer line for q2ra)")
-    p.add_argument("--scoring", choices=["generate", "logprob"], default="generate",
-                   help="generate: parse greedy replies (default); logprob: most likely label reply (q2a only)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"],
-                   help="model weights and compute (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (for a GPU)")
-    labelset.add_arguments(p)
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip (and count) rows whose label is not in the label set, or whose text is empty")
-    args = p.parse_args(argv)
+@dataclass
+class EvalFlags(labelset.LabelFlags):  # without label flags, the checkpoint's own label set is used
+    compare: list = option(None, "compare two predictions.jsonl files of the same examples (difference B - A) "
+                           "instead of evaluating a model", nargs=2, metavar=("A", "B"))
+    model: str = option("", "checkpoint folder (or hub id) with config.json, safetensors and tokenizer")
+    task: str = option("", "q2a: label only; q2ra: reasoning, then label", choices=tuple(TASKS))
+    data: str = option("", "labelled text set (dair-ai/emotion, ...): folder, file or hub id")
+    split: str = option("test", "split to evaluate")
+    out: str = option("", "output folder (evaluation), or JSON file for the result (--compare, optional)")
+    limit: int = option(0, "evaluate only the first N rows (0: all)")
+    batch_size: int = option(32, "prompts per batch")
+    max_new_tokens: int = option(0, "reply budget (0: the checkpoint's generation_config.json max_new_tokens, "
+                                 "which train.py sets to cover its longest training reply: for q2ra stage 2's "
+                                 "reasoning cap plus the answer line; without one, 8 for q2a and 256 + the "
+                                 "answer line for q2ra)")
+    scoring: str = option("generate", "generate: parse greedy replies; logprob: most likely label reply (q2a only)",
+                          choices=("generate", "logprob"))
+    device: str = option("", "cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    dtype: str = option("", "model weights and compute (default: bf16 on cuda, fp32 on cpu)",
+                        choices=("bf16", "fp32", "fp16"))
+    compile: bool = option(False, "torch.compile the decode step (for a GPU)")
+    skip_bad: bool = option(False, "skip (and count) rows whose label is not in the label set, or whose text is empty")
 
-    try:
+
+def main(argv=None):
+    args = parse_config(EvalFlags, argv, "Evaluate a text classifier (q2a / q2ra), or compare two evaluation runs.\n\n"
+                        "examples:\n"
+                        "  python eval.py --model runs/q2ra/best --task q2ra --data dair-ai/emotion --out runs/q2ra/eval\n"
+                        "  python eval.py --compare runs/q2a/eval/predictions.jsonl runs/q2ra/eval/predictions.jsonl")
+    with one_line_errors("eval.py: error"):
         if args.compare:
             result = compare(*args.compare)
             print(format_comparison(result))
@@ -286,17 +283,14 @@ def main(argv=None):
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 write_json(args.out, result)
             return
-        missing = [flag for flag in ("model", "task", "data", "out") if getattr(args, flag) is None]
+        missing = [flag for flag in ("model", "task", "data", "out") if not getattr(args, flag)]
         if missing:
-            p.error(f"--{missing[0]} is required (or use --compare A B)")
-        # Without label flags, the checkpoint's own label set (train.py records it) is used.
+            raise ValueError(f"--{missing[0]} is required (or use --compare A B)")
         flagged = any(getattr(args, name) != default for name, (default, _) in labelset.FLAGS.items())
         labels = labelset.from_flags(args.data, args) if flagged else None
-        report = evaluate(args.model, args.task, args.data, args.split, args.out, args.limit, args.batch_size,
-                          args.max_new_tokens, args.scoring, args.device, args.dtype, args.compile, labels,
-                          args.skip_bad)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: one line, no traceback
-        sys.exit(f"eval.py: error: {e}")
+        report = evaluate(args.model, args.task, args.data, args.split, args.out, args.limit or None, args.batch_size,
+                          args.max_new_tokens or None, args.scoring, args.device or None, args.dtype or None,
+                          args.compile, labels, args.skip_bad)
     print(f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
           f"unparsed {report['unparsed_share']:.2%}  -> {Path(args.out) / 'report.md'}")
 

@@ -77,7 +77,7 @@ EMOTION = LabelSet(tuple(LABELS), EMOTION_INSTRUCTION, EMOTION_PREFIX, EMOTION_Q
 @dataclass(kw_only=True)
 class LabelFlags:
     """The five flags every stage takes: a stage's flags dataclass inherits them (train.TrainConfig,
-    augment.AugmentFlags, pipeline.PipelineConfig); eval.py adds them as FLAGS."""
+    augment.AugmentFlags, pipeline.PipelineConfig, eval.EvalFlags)."""
     text_column: str = option("text", "the column that holds the text")
     label_column: str = option("label", "the column that holds the label: a name, or an integer id")
     labels: str = option("", "the label names in id order, comma-separated (default: the data's ClassLabel "
@@ -90,12 +90,6 @@ class LabelFlags:
 
 
 FLAGS = {f.name: (f.default, f.metadata["help"]) for f in fields(LabelFlags)}  # name: (default, help)
-
-
-def add_arguments(parser):
-    """FLAGS as argparse options, for a command line not generated from a dataclass."""
-    for name, (default, help) in FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), default=default, help=f"{help} (default: {default!r})")
 
 
 def from_flags(source, flags, skip_bad: bool = False) -> LabelSet:

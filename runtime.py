@@ -133,13 +133,14 @@ def parse_config(cls, argv=None, description: str = "", defaults: dict | None = 
     for f in sorted(fields(cls), key=lambda f: f.kw_only):  # stable: each group keeps its order
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         default = (defaults or {}).get(f.name, f.default)
+        shape = {k: f.metadata[k] for k in ("choices", "nargs", "metavar") if k in f.metadata}
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=default, help=help)
         elif default is MISSING:
-            parser.add_argument(flag, required=True, choices=f.metadata.get("choices"), help=help)
+            parser.add_argument(flag, required=True, help=help, **shape)
         else:
-            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=default,
-                                choices=f.metadata.get("choices"), help=f"{help} (default: {default!r})")
+            parser.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=default,
+                                help=f"{help} (default: {default!r})", **shape)
     return cls(**vars(parser.parse_args(argv)))
 
 
