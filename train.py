@@ -273,13 +273,7 @@ def setup(cfg: TrainConfig) -> Run:
     and restore the run's state on --resume; write train_config.json."""
     out = Path(cfg.out)
     rank, world = rank_and_world()
-    if cfg.grad_accum % world:
-        raise ValueError(f"--grad-accum {cfg.grad_accum} is not a multiple of the {world} ranks, "
-                         f"which share each step's micro-batches")
-    # q2a/q2ra: the label set of the data and flags, resolved before the run folder is made (rgen has none)
-    rgen = data.get_task(cfg.task).rows == "reasoning-gen"
-    labels = None if rgen else labelset.from_flags(cfg.data, cfg, cfg.skip_bad)
-    runs.open_folder(out, asdict(cfg), cfg.resume, RESUMABLE_CHANGES, {"label_set": labels and labels.settings()})
+    labels = open_run(cfg, out, world)
 
     # seed and device
     random.seed(cfg.seed)
@@ -331,6 +325,19 @@ def setup(cfg: TrainConfig) -> Run:
         files[labelset.LABEL_SET_FILE] = json.dumps(labels.settings(), indent=2, ensure_ascii=False) + "\n"
     return Run(out, device, model, optimizer, train_set, val_batches, tokenizer.pad_id, bool(val_set), files,
                cfg.model, planned["bytes"]["total"], peak_memory, total_steps, stop_step, progress)
+
+
+def open_run(cfg: TrainConfig, out: Path, world: int) -> labelset.LabelSet | None:
+    """Check that the ranks can share each step, resolve the label set (q2a/q2ra: from the data and
+    the flags; rgen has none) and open the run folder: a new run in a folder without one, --resume
+    in one that trains the same way, on the same label set."""
+    if cfg.grad_accum % world:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} is not a multiple of the {world} ranks, "
+                         f"which share each step's micro-batches")
+    rgen = data.get_task(cfg.task).rows == "reasoning-gen"
+    labels = None if rgen else labelset.from_flags(cfg.data, cfg, cfg.skip_bad)
+    runs.open_folder(out, asdict(cfg), cfg.resume, RESUMABLE_CHANGES, {"label_set": labels and labels.settings()})
+    return labels
 
 
 def memory_plan(cfg: TrainConfig, model_config, train_set: list[data.Example], device: torch.device) -> dict:
