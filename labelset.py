@@ -8,8 +8,9 @@ then passed to every function that builds a prompt, parses a reply or scores one
                 `huggingface` schema metadata, or stage 2's sidecar), else the sorted set of
                 string labels of the training split
     EMOTION     dair-ai/emotion's six labels with the wording the method was built with
-    FLAGS       the five flags every stage takes (--text-column, --label-column, --labels,
-                --instruction, --answer-prefix), declared once here
+    LabelFlags  the five flags every stage takes (--text-column, --label-column, --labels,
+                --instruction, --answer-prefix), declared once here: each stage's flags
+                dataclass inherits them; FLAGS maps their names to default and help
 
 A label set of exactly the six emotions keeps the emotion wording ("Classify the emotion ...",
 "Emotion: <label>"), so that dair-ai/emotion's prompts are those of every model trained before
