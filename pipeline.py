@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -304,11 +305,18 @@ def summarize(out: Path, cfg: PipelineConfig) -> dict:
 
 # ----------------------------------------------------------------------------- command line
 
+def parse_args(argv: list[str]) -> PipelineConfig:
+    """With --demo the demo's settings replace the defaults (--help then shows them); the flags
+    given still win. A first pass, without --help, finds out whether --demo is given."""
+    first = parse_config(PipelineConfig, [a for a in argv if a not in ("-h", "--help")], description=__doc__)
+    defaults = None
+    if first.demo:
+        defaults = vars(demo_config(out=DEMO_OUT if first.out == PipelineConfig.out else first.out,
+                                    demo_rows=first.demo_rows, seed=first.seed))
+    return parse_config(PipelineConfig, argv, description=__doc__, defaults=defaults)
+
+
 if __name__ == "__main__":
-    cfg = parse_config(PipelineConfig, description=__doc__)
-    if cfg.demo:  # the demo's settings replace the defaults; the flags given still win
-        demo_defaults = demo_config(out=DEMO_OUT if cfg.out == PipelineConfig.out else cfg.out,
-                                    demo_rows=cfg.demo_rows, seed=cfg.seed)
-        cfg = parse_config(PipelineConfig, description=__doc__, defaults=vars(demo_defaults))
+    cfg = parse_args(sys.argv[1:])
     with one_line_errors("pipeline.py", "interrupted; run the same command again to continue"):
         run_pipeline(cfg)

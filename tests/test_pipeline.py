@@ -157,3 +157,18 @@ def test_memory_flags_reach_stages_1_and_3_and_their_settings(monkeypatch, tmp_p
         [(task, "bf16-pure", 8, True, True) for task in ("rgen", "q2a", "q2ra")]
     assert "grad_checkpointing" not in specs["q2a"]["settings"]  # a memory setting: the same results
     assert specs["augment"]["settings"]["dtype"] == specs["eval_q2ra"]["settings"]["dtype"] == "bf16"
+
+
+def test_demo_flags_are_defaults_that_other_flags_override(tmp_path, capsys):
+    """--demo puts the demo's settings in place of the defaults, a flag given with it still wins,
+    and --demo --help shows the demo's defaults (not the real pipeline's)."""
+    demo = pipeline.demo_config(out=str(tmp_path))
+    cfg = pipeline.parse_args(["--demo", "--out", str(tmp_path), "--cls-epochs", "3"])
+    assert cfg.cls_epochs == 3.0 and cfg.rgen_epochs == demo.rgen_epochs != pipeline.PipelineConfig.rgen_epochs
+    assert cfg.base_model == demo.base_model and cfg.demo
+    assert pipeline.parse_args([]) == pipeline.PipelineConfig()
+    for argv, epochs in ((["--demo", "--help"], demo.cls_epochs), (["--help"], pipeline.PipelineConfig.cls_epochs)):
+        with pytest.raises(SystemExit):
+            pipeline.parse_args(argv)
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert f"stage-3 epochs (q2a and q2ra alike) (default: {epochs!r})" in help_text
