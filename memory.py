@@ -71,10 +71,9 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     with gradient checkpointing, how many positions' logits exist at once (0: all). `total` adds
     what lives together at the peak: the activations and logits are gone by the time the
     embedding's gradient forms, at the very end of the backward pass."""
-    P, weight = parameter_count(c), (2 if dtype == "bf16-pure" else 4)
+    P, weight, shapes = parameter_count(c), (2 if dtype == "bf16-pure" else 4), linear_shapes(c)
     largest = c.vocab_size * c.hidden_size
     if lora_rank:
-        shapes = linear_shapes(c)
         trainable = c.num_hidden_layers * sum(lora_rank * (shapes[t][0] + shapes[t][1]) for t in lora_targets)
         largest = max(lora_rank * shapes[t][1] for t in lora_targets)
         weights = P * (4 if dtype == "fp32" else 2) + 4 * trainable
@@ -89,7 +88,6 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     tokens = batch * seq
     block = tokens * block_activation_bytes(c, dtype == "bf16", compute)
     if lora_rank:  # each adapter keeps its own copy of the layer's input, and A x, for its two matmuls
-        shapes = linear_shapes(c)
         block += tokens * compute * sum(shapes[t][0] + lora_rank for t in lora_targets)
     layers = c.num_hidden_layers
     kept = layers * tokens * residual * c.hidden_size + block if grad_checkpointing else layers * block
