@@ -289,13 +289,14 @@ def setup(cfg: TrainConfig) -> Run:
         cfg.seed, cfg.skip_bad, cfg.rgen_columns, labels or labelset.EMOTION)  # rgen has no labels
     if not train_set:
         raise ValueError(f"{cfg.data}: no training examples for task {cfg.task}")
-    steps_per_epoch = len(epoch_steps(cfg, train_set, epoch=0))
+    first_epoch = epoch_steps(cfg, train_set, epoch=0)
+    steps_per_epoch = len(first_epoch)
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     val_order = sorted(val_set, key=lambda ex: len(ex.ids))  # sorted: least padding
     val_batches = [data.collate(val_order[s:s + cfg.batch_size], tokenizer.pad_id).to(device)
                    for s in range(0, len(val_order), cfg.batch_size)][rank::world]  # this rank's share
-    planned = memory_plan(cfg, checkpoint.config_from_json(base_dir / "config.json"), train_set, device)
+    planned = memory_plan(cfg, checkpoint.config_from_json(base_dir / "config.json"), train_set, first_epoch, device)
     if rank == 0:
         write_json(out / "train_config.json", {
             "config": asdict(cfg), "prompt_version": data.PROMPT_VERSION, "train_examples": len(train_set),
@@ -340,13 +341,15 @@ def open_run(cfg: TrainConfig, out: Path, world: int) -> labelset.LabelSet | Non
     return labels
 
 
-def memory_plan(cfg: TrainConfig, model_config, train_set: list[data.Example], device: torch.device) -> dict:
-    """memory.estimate for the micro-batch of the first epoch that needs the most (all epochs
-    hold the same examples, so the same largest one, give or take the grouping)."""
+def memory_plan(cfg: TrainConfig, model_config, train_set: list[data.Example], first_epoch: list,
+                device: torch.device) -> dict:
+    """memory.estimate for the micro-batch of the first epoch (its steps, from epoch_steps) that
+    needs the most (all epochs hold the same examples, so the same largest one, give or take
+    the grouping)."""
     lengths = [len(ex.ids) for ex in train_set]
     targets = [int(ex.is_target.sum()) for ex in train_set]
     plans = []
-    for ids in (micro for step in epoch_steps(cfg, train_set, epoch=0) for micro in step):
+    for ids in (micro for step in first_epoch for micro in step):
         shape = {"batch": len(ids), "seq": max(lengths[i] for i in ids), "targets": sum(targets[i] for i in ids)}
         plans.append({**shape, "bytes": memory.estimate(
             model_config, **shape, dtype=cfg.dtype, optimizer_in_backward=cfg.optimizer_in_backward,
