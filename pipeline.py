@@ -179,7 +179,7 @@ def run_eval(settings: dict, folder: Path, cfg: PipelineConfig) -> dict:
     report = evaluation.evaluate(settings["model"], settings["task"], settings["data"], split=settings["split"],
                                  out_dir=folder, limit=settings["limit"], batch_size=cfg.gen_batch_size,
                                  max_new_tokens=settings["max_new_tokens"], device=cfg.device,
-                                 dtype=settings["dtype"], compile=cfg.compile, skip_bad=cfg.skip_bad)
+                                 dtype=settings["dtype"], compile=cfg.compile, skip_bad=settings["skip_bad"])
     # (the label set is the one the checkpoint records: training resolved it from the same flags)
     return {k: report[k] for k in ("max_new_tokens", "max_new_tokens_from")}
 
