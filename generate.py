@@ -104,14 +104,13 @@ def prefill(model: Llama, prompts: list[list[int]]) -> tuple[torch.Tensor, KVCac
     device = model.embed_tokens.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     ids = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, :len(p)] = torch.tensor(p)
-        mask[b, :len(p)] = 1
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
     cache = model.new_cache(B, T)
-    mask = mask.to(device)
-    logits = model(ids.to(device), mask, cache=cache, last_only=True)[:, -1]
-    cache.advance(T, mask.sum(1))
+    h = model.hidden_states(ids.to(device), cache)                      # (B, T, d)
+    logits = model.lm_head(h[torch.arange(B, device=device), lengths - 1])   # each row's last real token
+    cache.advance(T, lengths)
     return logits, cache
 
 

@@ -147,7 +147,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # this step's keys/values join the cached ones
             k, v = cache.update(self.layer, k, v, positions)                           # (B, nkv, S, hd)
-        if mask is None:  # no padding, nothing cached before these tokens: plain causal attention (fast kernels)
+        if mask is None:  # nothing cached before these tokens: plain causal attention (fast kernels)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:             # mask: (B, 1, T, S) bool, True = may attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -183,31 +183,6 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-# ----------------------------------------------------------------------------- positions and masks
-
-def padded_positions_and_mask(real):
-    """Positions (B, T) and attention mask (B, 1, T, T) of a batch without a cache whose real
-    tokens are marked by `real` (B, T), with padding on either side; the mask is None where
-    plain causal attention is exact (no padding)."""
-    positions = (real.long().cumsum(1) - 1).clamp(min=0)                  # left padding: -1 -> 0
-    if bool(real.all()):
-        return positions, None
-    T = real.shape[1]
-    slot = torch.arange(T, device=real.device)
-    causal = slot[None, :] <= slot[:, None]                                # (T, T)
-    # Each token also sees itself, so a padding row never has zero visible keys
-    # (that would give NaN); what padding rows compute is never used.
-    mask = (causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=real.device)
-    return positions, mask[:, None]
-
-
-def last_real(h, attention_mask):
-    """h (B, T, d) -> (B, 1, d) at each row's last real token, for padding on either side."""
-    T = attention_mask.shape[1]
-    last = (attention_mask.long() * torch.arange(1, T + 1, device=h.device)).argmax(1)   # (B,)
-    return h[torch.arange(h.shape[0], device=h.device), last][:, None]
-
-
 # ----------------------------------------------------------------------------- the model
 
 class Llama(nn.Module):
@@ -232,36 +207,29 @@ class Llama(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
 
-    def forward(self, input_ids, attention_mask=None, cache: "KVCache | None" = None, last_only=False):
-        """input_ids (B, T) -> logits (B, T, vocab), or with last_only (B, 1, vocab): the logits
-        of each row's last real token."""
-        h = self.hidden_states(input_ids, attention_mask, cache)
-        if last_only:
-            h = h[:, -1:] if attention_mask is None else last_real(h, attention_mask)
-        return self.lm_head(h)                                           # (B, T, vocab)
+    def forward(self, input_ids, cache: "KVCache | None" = None):
+        """input_ids (B, T) -> logits (B, T, vocab)."""
+        return self.lm_head(self.hidden_states(input_ids, cache))
 
-    def hidden_states(self, input_ids, attention_mask=None, cache: "KVCache | None" = None):
+    def hidden_states(self, input_ids, cache: "KVCache | None" = None):
         """input_ids (B, T) -> final normalised hidden states (B, T, d), before the output head.
-        Training uses this to project only the positions that carry a loss onto the vocabulary.
+        Training uses this to project only the positions that carry a loss onto the vocabulary,
+        and generation to project only each prompt's last token.
 
-        attention_mask (B, T): 1 for real tokens, 0 for padding. Without a cache, padding may be
-        on the left or the right: positions count real tokens only (cumsum(mask) - 1), so a
-        padded row gets the positions it would get alone. Right-padded batches may pass no mask:
-        padding then follows every real token, plain causal attention is exact for the real
-        tokens, and fast kernels run. With a cache, the tokens continue each row where it
-        stopped, and padding must be on the right (the row's next tokens overwrite its slots);
-        their keys and values are written into the cache, and the caller then counts them
+        Without a cache, position t is t and attention is causal. A batch of rows of different
+        lengths is right-padded: padding then follows every real token, so causal attention is
+        exact for the real tokens, whatever the padding computes. With a cache, the tokens
+        continue each row where it stopped, and the row's next tokens overwrite its padding's
+        slots; their keys and values are written into the cache, and the caller then counts them
         (cache.advance): the forward pass changes no other state of the cache.
         """
         B, T = input_ids.shape
         if cache is not None:
             positions = cache.next_positions(T)
             mask = cache.mask(positions)
-        elif attention_mask is None:
+        else:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
             mask = None
-        else:
-            positions, mask = padded_positions_and_mask(attention_mask.bool())
         cos, sin = self.rotary(positions)
 
         x = self.embed_tokens(input_ids)                                # (B, T, d)
