@@ -2,6 +2,7 @@
 
     estimate(config, ...)   bytes of weights, gradients, optimizer state, activations and logits for
                             one micro-batch, from the shapes alone (no model is built)
+    plan(config, ...)       the estimate of a run's largest micro-batch
     memory_probe(device)    from now on, the peak above the memory held now: allocated CUDA memory
                             on a GPU, the process's resident set size (RSS) on a CPU
     readable(n)             bytes in decimal GB (or MB), the units GPU cards are sold in
@@ -101,6 +102,17 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
              "logits": logits, "embedding_gradient": embedding_gradient}
     held = weights + gradients + optimizer
     return {**parts, "total": held + max(activations + logits, embedding_gradient)}
+
+
+def plan(c: LlamaConfig, lengths: list[int], targets: list[int], micro_batches: list[list[int]], **options) -> dict:
+    """estimate() for the micro-batch (a list of example indices, into the examples' token
+    `lengths` and `targets` with a loss) that needs the most: its batch, seq, targets and bytes.
+    options: estimate()'s keywords after `targets`."""
+    plans = []
+    for ids in micro_batches:
+        shape = {"batch": len(ids), "seq": max(lengths[i] for i in ids), "targets": sum(targets[i] for i in ids)}
+        plans.append({**shape, "bytes": estimate(c, **shape, **options)})
+    return max(plans, key=lambda p: p["bytes"]["total"])
 
 
 def memory_probe(device: torch.device):

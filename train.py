@@ -24,13 +24,16 @@ Data parallel on N GPUs of one machine (the same flags; gloo on CPU, NCCL on CUD
 
     torchrun --nproc-per-node 4 train.py --task q2a --data dair-ai/emotion --out runs/q2a --grad-accum 4
 
-An optimizer step is the same batch_size x grad_accum examples whatever N is: rank r runs the
-step's micro-batches r, r + N, ... (so --grad-accum must be a multiple of N), and the gradients
-are summed over the ranks. N ranks therefore train the model one process would (up to the
-order of floating-point sums), the lr schedule and step count do not change with N, and a run
-may be resumed on another number of ranks. Only rank 0 logs and writes files. Every rank holds
-the whole model and its AdamW state: sharding them (FSDP2) is not implemented; bf16-pure or
-LoRA (below) make the 3B and 8B models fit one GPU instead.
+An optimizer step is the same batch_size x grad_accum examples whatever N is: every rank runs
+this whole file with all the data, and rank r runs the step's micro-batches r, r + N, ... (so
+--grad-accum must be a multiple of N); each loss is divided by the target tokens of the whole
+step, and the gradients are summed over the ranks, so clipping and the AdamW step run
+identically on every rank and no parameters are ever exchanged. N ranks therefore train the
+model one process would (up to the order of floating-point sums), the lr schedule and step
+count do not change with N, and a run may be resumed on another number of ranks. Only rank 0
+logs and writes files. Every rank holds the whole model and its AdamW state: sharding them
+(FSDP2) is not implemented; bf16-pure or LoRA (below) make the 3B and 8B models fit one GPU
+instead.
 
 Precision: with --dtype bf16 the weights, gradients and AdamW state stay fp32 (the master
 copy) and only the forward/backward matmuls run in bf16 under autocast. A bf16 weight cannot
@@ -167,12 +170,6 @@ def log(msg: str):
 
 
 # ----------------------------------------------------------------------------- loss
-# Under torchrun (runtime.distributed) every rank runs this whole file, with all the data and a
-# whole copy of the model. An optimizer step's micro-batches are dealt out to the ranks, the
-# loss of each is divided by the target tokens of the whole step (all ranks), and the gradients
-# are summed over the ranks before clipping and the AdamW step, which then run identically on
-# every rank: the copies never drift apart, and no parameters need to be exchanged.
-
 
 LOSS_CHUNK = 256  # with gradient checkpointing, the positions whose logits exist at once
 
@@ -180,8 +177,8 @@ LOSS_CHUNK = 256  # with gradient checkpointing, the positions whose logits exis
 def loss_sum(model: Llama, batch: data.Batch, autocast: bool) -> torch.Tensor:
     """Summed cross-entropy (fp32) of the target tokens of one micro-batch.
 
-    Right padding only trails real tokens, so plain causal attention (attention_mask=None,
-    the fast path) is exact for every real token. Only the positions with a loss go through
+    Right padding only trails real tokens, so plain causal attention (no mask, the fast path)
+    is exact for every real token. Only the positions with a loss go through
     the output head: with a 128k vocabulary, the full (B, T, vocab) logits would dominate memory.
     Even so, 2,048 reply tokens make 3.7 GB of logits in bf16 and fp32: with gradient
     checkpointing they are also computed LOSS_CHUNK positions at a time, and again in the
@@ -224,14 +221,15 @@ def forward_backward(model: Llama, micro_batches: list[data.Batch], autocast: bo
     return total / n_targets
 
 
-def train_step(model: Llama, optimizer, micro_batches: list[data.Batch], lr: float, cfg: TrainConfig) -> tuple[float, float]:
+def train_step(model: Llama, optimizer, micro_batches: list[data.Batch], lr: float, autocast: bool,
+               grad_clip: float) -> tuple[float, float]:
     """One optimizer step at learning rate lr; returns the loss per target token and the
-    gradient norm before clipping (both floats: this waits for the GPU, once per step). With
-    --optimizer-in-backward the parameters are updated during forward_backward already."""
+    gradient norm before clipping to grad_clip (both floats: this waits for the GPU, once per
+    step). With --optimizer-in-backward the parameters are updated during forward_backward."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = forward_backward(model, micro_batches, cfg.dtype == "bf16")
-    return loss, optimizer_step(optimizer, model.parameters(), cfg.grad_clip)
+    loss = forward_backward(model, micro_batches, autocast)
+    return loss, optimizer_step(optimizer, model.parameters(), grad_clip)
 
 
 @torch.no_grad()
@@ -296,7 +294,7 @@ def setup(cfg: TrainConfig) -> Run:
     val_order = sorted(val_set, key=lambda ex: len(ex.ids))  # sorted: least padding
     val_batches = [data.collate(val_order[s:s + cfg.batch_size], tokenizer.pad_id).to(device)
                    for s in range(0, len(val_order), cfg.batch_size)][rank::world]  # this rank's share
-    planned = memory_plan(cfg, checkpoint.config_from_json(base_dir / "config.json"), train_set, first_epoch, device)
+    planned = memory_plan(cfg, base_dir, train_set, first_epoch, device)
     if rank == 0:
         write_json(out / "train_config.json", {
             "config": asdict(cfg), "prompt_version": data.PROMPT_VERSION, "train_examples": len(train_set),
@@ -341,21 +339,16 @@ def open_run(cfg: TrainConfig, out: Path, world: int) -> labelset.LabelSet | Non
     return labels
 
 
-def memory_plan(cfg: TrainConfig, model_config, train_set: list[data.Example], first_epoch: list,
+def memory_plan(cfg: TrainConfig, base_dir: Path, train_set: list[data.Example], first_epoch: list,
                 device: torch.device) -> dict:
-    """memory.estimate for the micro-batch of the first epoch (its steps, from epoch_steps) that
-    needs the most (all epochs hold the same examples, so the same largest one, give or take
-    the grouping)."""
-    lengths = [len(ex.ids) for ex in train_set]
-    targets = [int(ex.is_target.sum()) for ex in train_set]
-    plans = []
-    for ids in (micro for step in first_epoch for micro in step):
-        shape = {"batch": len(ids), "seq": max(lengths[i] for i in ids), "targets": sum(targets[i] for i in ids)}
-        plans.append({**shape, "bytes": memory.estimate(
-            model_config, **shape, dtype=cfg.dtype, optimizer_in_backward=cfg.optimizer_in_backward,
-            lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets.split(","),
-            grad_checkpointing=cfg.grad_checkpointing, loss_chunk=LOSS_CHUNK, device=device.type)})
-    return max(plans, key=lambda plan: plan["bytes"]["total"])
+    """The memory estimate of the first epoch's largest micro-batch (every epoch holds the same
+    examples, so the same largest one, give or take the grouping)."""
+    return memory.plan(
+        checkpoint.config_from_json(base_dir / "config.json"), [len(ex.ids) for ex in train_set],
+        [int(ex.is_target.sum()) for ex in train_set], [micro for step in first_epoch for micro in step],
+        dtype=cfg.dtype, optimizer_in_backward=cfg.optimizer_in_backward, lora_rank=cfg.lora_rank,
+        lora_targets=cfg.lora_targets.split(","), grad_checkpointing=cfg.grad_checkpointing,
+        loss_chunk=LOSS_CHUNK, device=device.type)
 
 
 def training_model(path: Path, cfg: TrainConfig, device: torch.device) -> Llama:
@@ -404,6 +397,7 @@ def train(cfg: TrainConfig) -> Path:
     progress, (rank, world) = run.progress, rank_and_world()
     bar = tqdm(total=run.stop_step, initial=progress["step"], desc=f"train {cfg.task}", unit="step", disable=rank > 0)
     start_time = time.perf_counter() - progress["elapsed_s"]
+    autocast = cfg.dtype == "bf16"  # bf16 matmuls over fp32 master weights
     steps = epoch_steps(cfg, run.train_set, progress["epoch"])
     # the loop: one optimizer step per iteration, from wherever the run stands to stop_step
     with runs.stop_requests() as stop, open(run.out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as metrics:
@@ -415,7 +409,7 @@ def train(cfg: TrainConfig) -> Path:
             lr = lr_at(progress["step"], run.total_steps, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio)
             micro_batches = [data.collate([run.train_set[i] for i in ids], run.pad_id).to(run.device)
                              for ids in steps[progress["index"]][rank::world]]  # this rank's share of the step
-            loss, grad_norm = train_step(run.model, run.optimizer, micro_batches, lr, cfg)
+            loss, grad_norm = train_step(run.model, run.optimizer, micro_batches, lr, autocast, cfg.grad_clip)
             dt = time.perf_counter() - t0
             progress.update(step=progress["step"] + 1, index=progress["index"] + 1,
                             elapsed_s=time.perf_counter() - start_time)
@@ -427,7 +421,7 @@ def train(cfg: TrainConfig) -> Path:
                    "peak_memory_bytes": run.peak_memory(),
                    "tokens_per_s": tokens / dt, "target_tokens_per_s": targets / dt}
             if step % cfg.eval_every == 0 or step == run.stop_step:
-                row.update(evaluate_and_keep_best(run, cfg.dtype == "bf16"))
+                row.update(evaluate_and_keep_best(run, autocast))
             metrics.write(json.dumps({**row, "elapsed_s": progress["elapsed_s"]}) + "\n")
             metrics.flush()
             # tok/s counts every real (non-padding) token; tgt/s only the reply tokens that carry the loss

@@ -262,7 +262,7 @@ def train_step_fn(model, spec: dict, cfg: train.TrainConfig):
     optimizer = optim.build_optimizer(model, cfg.lr, cfg.weight_decay, False, torch.device(device))
     if spec["side"] == "ours":
         batch = data.collate([data.Example(row, mask) for row, mask in zip(ids, is_target)], pad_id=0).to(device)
-        return lambda: train.train_step(model, optimizer, [batch], cfg.lr, cfg)[0]
+        return lambda: train.train_step(model, optimizer, [batch], cfg.lr, cfg.dtype == "bf16", cfg.grad_clip)[0]
 
     if spec["ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -57,6 +57,18 @@ def test_checkpointing_keeps_block_inputs_and_chunks_the_logits():
     assert ckpt["activations"] < plain["activations"] / 5
 
 
+def test_the_plan_is_the_largest_micro_batch_s_estimate():
+    """Three examples (tokens, of which targets): a batch of two pads to the longer one; the
+    plan is the micro-batch whose estimate is largest, with its shape."""
+    lengths, targets = [1000, 400, 3000], [100, 200, 500]
+    planned = memory.plan(LLAMA_1B, lengths, targets, [[0, 1], [2]], dtype="bf16")
+    assert {k: planned[k] for k in ("batch", "seq", "targets")} == {"batch": 1, "seq": 3000, "targets": 500}
+    assert planned["bytes"] == memory.estimate(LLAMA_1B, 1, 3000, 500, "bf16")
+    other = memory.plan(LLAMA_1B, lengths, targets, [[0, 1]], dtype="bf16")
+    assert other["bytes"] == memory.estimate(LLAMA_1B, 2, 1000, 300, "bf16")
+    assert other["bytes"]["total"] < planned["bytes"]["total"]
+
+
 def test_the_readme_table_meets_the_targets():
     """Issue 16's targets, at batch 8 x 512 with gradient checkpointing: the 1B full fine-tune in
     bf16-pure under 12 GB, the 8B with LoRA rank 16 under 22 GB, against ~33.6 GB today."""
