@@ -2,7 +2,7 @@
 
     estimate(config, ...)   bytes of weights, gradients, optimizer state, activations and logits for
                             one micro-batch, from the shapes alone (no model is built)
-    plan(config, ...)       the estimate of a run's largest micro-batch
+    plan(config, ...)       the estimate of a run's largest micro-batch, under its MemoryFlags
     memory_probe(device)    from now on, the peak above the memory held now: allocated CUDA memory
                             on a GPU, the process's resident set size (RSS) on a CPU
     readable(n)             bytes in decimal GB (or MB), the units GPU cards are sold in
@@ -30,12 +30,39 @@ from __future__ import annotations
 
 import resource
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 import lora
 from model import LlamaConfig
+from runtime import option
+
+
+@dataclass(kw_only=True)
+class MemoryFlags:
+    """The flags that decide how much memory training takes (the README's memory table): inherited
+    by train.TrainConfig, and by pipeline.PipelineConfig, which passes them to stages 1 and 3."""
+    dtype: str = option("bf16", "bf16: autocast matmuls with fp32 master weights and AdamW state (16 bytes per "
+                        "parameter); bf16-pure: weights, gradients and AdamW state in bf16, updated with stochastic "
+                        "rounding (8 bytes); fp32: all fp32", choices=("bf16", "bf16-pure", "fp32"))
+    optimizer_in_backward: bool = option(False, "update each parameter as soon as its gradient is complete and free "
+                                         "that gradient, so the full set of gradients never exists (saves 2 bytes "
+                                         "per parameter in bf16-pure, 4 in fp32); needs --grad-accum 1 (so one "
+                                         "process: ranks share a step's micro-batches) and --grad-clip 0 (no "
+                                         "global norm to clip by)")
+    lora_rank: int = option(0, "LoRA: train a rank-R update beside each targeted linear layer while the model "
+                            "stays frozen in the run's dtype (bf16 for bf16 and bf16-pure); the adapters train in "
+                            "fp32. best/ and last/ hold the merged weights, best-adapter/ and last-adapter/ the "
+                            "adapter alone in PEFT's layout (0: a full fine-tune)")
+    lora_alpha: float = option(16.0, "LoRA: the update is scaled by alpha / rank")
+    lora_targets: str = option(",".join(lora.TARGETS), "LoRA: the linear layers of each block that get an adapter")
+    grad_checkpointing: bool = option(False, "recompute each block's activations in the backward pass: "
+                                      "less memory, about a third more compute")
+
+
+FLAGS = tuple(f.name for f in fields(MemoryFlags))
 
 
 def linear_shapes(c: LlamaConfig) -> dict[str, tuple[int, int]]:
@@ -104,14 +131,18 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     return {**parts, "total": held + max(activations + logits, embedding_gradient)}
 
 
-def plan(c: LlamaConfig, lengths: list[int], targets: list[int], micro_batches: list[list[int]], **options) -> dict:
-    """estimate() for the micro-batch (a list of example indices, into the examples' token
-    `lengths` and `targets` with a loss) that needs the most: its batch, seq, targets and bytes.
-    options: estimate()'s keywords after `targets`."""
+def plan(c: LlamaConfig, lengths: list[int], targets: list[int], micro_batches: list[list[int]],
+         flags: MemoryFlags, loss_chunk: int = 0, device: str = "cuda") -> dict:
+    """estimate() under a run's flags for the micro-batch (a list of example indices, into the
+    examples' token `lengths` and `targets` with a loss) that needs the most: its batch, seq,
+    targets and bytes."""
     plans = []
     for ids in micro_batches:
         shape = {"batch": len(ids), "seq": max(lengths[i] for i in ids), "targets": sum(targets[i] for i in ids)}
-        plans.append({**shape, "bytes": estimate(c, **shape, **options)})
+        plans.append({**shape, "bytes": estimate(
+            c, **shape, dtype=flags.dtype, optimizer_in_backward=flags.optimizer_in_backward,
+            lora_rank=flags.lora_rank, lora_targets=flags.lora_targets.split(","),
+            grad_checkpointing=flags.grad_checkpointing, loss_chunk=loss_chunk, device=device)})
     return max(plans, key=lambda p: p["bytes"]["total"])
 
 

@@ -20,6 +20,8 @@ whose settings differ from this run's is refused, so results are never silently 
 
 The label set is resolved once from --data and the label flags (labelset.py), and every split is
 read with it before any stage runs, so that bad data stops the pipeline before it writes anything.
+The memory flags (--dtype, --optimizer-in-backward, --lora-*, --grad-checkpointing: memory.py)
+go to the two training stages, 1 and 3; stages 2 and 4 generate in bf16 (fp32 under --dtype fp32).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import augment
 import eval as evaluation
 import generate
 import labelset
+import memory
 import readers
 import train
 from files import write_atomic, write_json
@@ -54,7 +57,7 @@ TRAIN = TrainConfig
 
 
 @dataclass
-class PipelineConfig(labelset.LabelFlags):
+class PipelineConfig(labelset.LabelFlags, memory.MemoryFlags):  # the memory flags go to stages 1 and 3
     out: str = option("runs/paper", "folder holding every stage's output")
     base_model: str = option(TRAIN.model, "checkpoint folder or hub id every model starts from")
     rgen_data: str = option("syvai/reasoning-gen", "stage-1 data: folder or hub id")
@@ -80,16 +83,6 @@ class PipelineConfig(labelset.LabelFlags):
     eval_max_new_tokens: int = option(0, "stage-4 reply budget (0: each checkpoint's own, which covers its "
                                       "longest training reply: for q2ra the stage-2 cap plus the answer line)")
     device: str = option(TRAIN.device, "cuda or cpu (default: cuda when available)")
-    dtype: str = option(TRAIN.dtype, "training: bf16 (fp32 master weights), bf16-pure (bf16 weights and AdamW "
-                        "state, stochastic rounding) or fp32; stages 2 and 4 generate in bf16 (fp32 for fp32)",
-                        choices=("bf16", "bf16-pure", "fp32"))
-    optimizer_in_backward: bool = option(TRAIN.optimizer_in_backward, "stages 1 and 3: update each parameter "
-                                         "in the backward pass (needs --grad-accum 1; no gradient clipping)")
-    lora_rank: int = option(TRAIN.lora_rank, "stages 1 and 3: LoRA adapters of this rank instead of a full "
-                            "fine-tune (0); the checkpoints hold the merged weights")
-    lora_alpha: float = option(TRAIN.lora_alpha, "LoRA: the update is scaled by alpha / rank")
-    grad_checkpointing: bool = option(TRAIN.grad_checkpointing, "stages 1 and 3: recompute activations in the "
-                                      "backward pass (less memory, about a third more compute; results equal to float rounding)")
     compile: bool = option(False, "torch.compile the training blocks and the decode step of stages 2 and 4 "
                            "(for a GPU; results agree to float rounding)")
     seed: int = option(TRAIN.seed, "seed of every stage")
@@ -102,9 +95,10 @@ class PipelineConfig(labelset.LabelFlags):
 
 def stage_specs(cfg: PipelineConfig, out: Path) -> list[dict]:
     """Each stage: name, the stages it reads from, the settings that define its output, and a runner."""
+    # Recomputing activations changes results only by float rounding: passed to training (run_train), not a setting.
+    fitting = {name: getattr(cfg, name) for name in memory.FLAGS if name != "grad_checkpointing"}
     train_common = dict(model=cfg.base_model, lr=cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                        dtype=cfg.dtype, optimizer_in_backward=cfg.optimizer_in_backward, lora_rank=cfg.lora_rank,
-                        lora_alpha=cfg.lora_alpha, seed=cfg.seed)
+                        seed=cfg.seed, **fitting)
     if cfg.optimizer_in_backward:  # no global gradient norm exists to clip by
         train_common["grad_clip"] = 0.0
     generation_dtype = "fp32" if cfg.dtype == "fp32" else "bf16"

@@ -83,7 +83,7 @@ from runtime import (all_sum, barrier, default_device, distributed, is_main, opt
 # ----------------------------------------------------------------------------- config
 
 @dataclass
-class TrainConfig(labelset.LabelFlags):  # q2a/q2ra: the label set and wording, recorded with every checkpoint
+class TrainConfig(labelset.LabelFlags, memory.MemoryFlags):  # the label set (q2a/q2ra); precision, LoRA
     task: str = field(metadata={"help": "rgen (stage 1: question + answer -> reasoning), q2a (text -> emotion) "
                                         "or q2ra (text -> reasoning + 'Emotion: <label>')",
                                 "choices": tuple(data.TASKS)})
@@ -117,21 +117,6 @@ class TrainConfig(labelset.LabelFlags):  # q2a/q2ra: the label set and wording, 
     warmup_ratio: float = option(0.03, "linear warm-up over this fraction of the optimizer steps")
     weight_decay: float = option(0.01, "AdamW weight decay, on weight matrices only (never on norms)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
-    dtype: str = option("bf16", "bf16: autocast matmuls with fp32 master weights and AdamW state (16 bytes per "
-                    "parameter); bf16-pure: weights, gradients and AdamW state in bf16, updated with stochastic "
-                    "rounding (8 bytes); fp32: all fp32", choices=("bf16", "bf16-pure", "fp32"))
-    optimizer_in_backward: bool = option(False, "update each parameter as soon as its gradient is complete and free "
-                                     "that gradient, so the full set of gradients never exists (saves 2 bytes per "
-                                     "parameter in bf16-pure, 4 in fp32); needs --grad-accum 1 (so one process: ranks share "
-                                     "a step's micro-batches) and --grad-clip 0 (no global norm to clip by)")
-    lora_rank: int = option(0, "LoRA: train a rank-R update beside each targeted linear layer while the model "
-                        "stays frozen in the run's dtype (bf16 for bf16 and bf16-pure); the adapters train in fp32. "
-                        "best/ and last/ hold the merged weights, best-adapter/ and last-adapter/ the adapter "
-                        "alone in PEFT's layout (0: a full fine-tune)")
-    lora_alpha: float = option(16.0, "LoRA: the update is scaled by alpha / rank")
-    lora_targets: str = option(",".join(lora.TARGETS), "LoRA: the linear layers of each block that get an adapter")
-    grad_checkpointing: bool = option(False, "recompute each block's activations in the backward pass: "
-                                  "less memory, about a third more compute")
     compile: bool = option(False, "torch.compile each decoder block (inductor): fused elementwise kernels, "
                        "for GPU speed; the first steps of each new sequence length compile")
     length_chunk: int = option(64, "length grouping: each epoch's shuffled examples are sorted by length within "
@@ -343,12 +328,9 @@ def memory_plan(cfg: TrainConfig, base_dir: Path, train_set: list[data.Example],
                 device: torch.device) -> dict:
     """The memory estimate of the first epoch's largest micro-batch (every epoch holds the same
     examples, so the same largest one, give or take the grouping)."""
-    return memory.plan(
-        checkpoint.config_from_json(base_dir / "config.json"), [len(ex.ids) for ex in train_set],
-        [int(ex.is_target.sum()) for ex in train_set], [micro for step in first_epoch for micro in step],
-        dtype=cfg.dtype, optimizer_in_backward=cfg.optimizer_in_backward, lora_rank=cfg.lora_rank,
-        lora_targets=cfg.lora_targets.split(","), grad_checkpointing=cfg.grad_checkpointing,
-        loss_chunk=LOSS_CHUNK, device=device.type)
+    return memory.plan(checkpoint.config_from_json(base_dir / "config.json"), [len(ex.ids) for ex in train_set],
+                       [int(ex.is_target.sum()) for ex in train_set],
+                       [micro for step in first_epoch for micro in step], cfg, LOSS_CHUNK, device.type)
 
 
 def training_model(path: Path, cfg: TrainConfig, device: torch.device) -> Llama:

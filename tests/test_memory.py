@@ -59,13 +59,15 @@ def test_checkpointing_keeps_block_inputs_and_chunks_the_logits():
 
 def test_the_plan_is_the_largest_micro_batch_s_estimate():
     """Three examples (tokens, of which targets): a batch of two pads to the longer one; the
-    plan is the micro-batch whose estimate is largest, with its shape."""
+    plan is the micro-batch whose estimate (under the run's flags) is largest, with its shape."""
     lengths, targets = [1000, 400, 3000], [100, 200, 500]
-    planned = memory.plan(LLAMA_1B, lengths, targets, [[0, 1], [2]], dtype="bf16")
+    flags = memory.MemoryFlags(dtype="bf16-pure", lora_rank=8, lora_targets="q_proj,v_proj", grad_checkpointing=True)
+    options = dict(lora_rank=8, lora_targets=["q_proj", "v_proj"], grad_checkpointing=True, loss_chunk=256)
+    planned = memory.plan(LLAMA_1B, lengths, targets, [[0, 1], [2]], flags, loss_chunk=256)
     assert {k: planned[k] for k in ("batch", "seq", "targets")} == {"batch": 1, "seq": 3000, "targets": 500}
-    assert planned["bytes"] == memory.estimate(LLAMA_1B, 1, 3000, 500, "bf16")
-    other = memory.plan(LLAMA_1B, lengths, targets, [[0, 1]], dtype="bf16")
-    assert other["bytes"] == memory.estimate(LLAMA_1B, 2, 1000, 300, "bf16")
+    assert planned["bytes"] == memory.estimate(LLAMA_1B, 1, 3000, 500, "bf16-pure", **options)
+    other = memory.plan(LLAMA_1B, lengths, targets, [[0, 1]], flags, loss_chunk=256)
+    assert other["bytes"] == memory.estimate(LLAMA_1B, 2, 1000, 300, "bf16-pure", **options)
     assert other["bytes"]["total"] < planned["bytes"]["total"]
 
 

@@ -137,24 +137,24 @@ def test_compile_reaches_training_and_stage_2(monkeypatch, tmp_path):
 
 
 def test_memory_flags_reach_stages_1_and_3_and_their_settings(monkeypatch, tmp_path):
-    """--dtype, --optimizer-in-backward and --lora-rank/--lora-alpha change what training makes, so
-    they are part of the training stages' settings (a rerun with others is refused); the
-    generating stages run the bf16 checkpoints in bf16."""
+    """--dtype, --optimizer-in-backward and --lora-rank/--lora-alpha/--lora-targets change what
+    training makes, so they are part of the training stages' settings (a rerun with others is
+    refused); the generating stages run the bf16 checkpoints in bf16."""
     import train
     seen = []
     monkeypatch.setattr(train, "train", seen.append)
     cfg = pipeline.parse_config(pipeline.PipelineConfig, ["--out", str(tmp_path), "--dtype", "bf16-pure",
                                                           "--optimizer-in-backward", "--grad-accum", "1",
                                                           "--lora-rank", "8", "--lora-alpha", "32",
-                                                          "--grad-checkpointing"])
+                                                          "--lora-targets", "q_proj,v_proj", "--grad-checkpointing"])
     specs = {spec["name"]: spec for spec in pipeline.stage_specs(cfg, tmp_path)}
     for name in ("rgen", "q2a", "q2ra"):
         settings = specs[name]["settings"]
         assert (settings["dtype"], settings["optimizer_in_backward"], settings["lora_rank"], settings["lora_alpha"],
-                settings["grad_clip"]) == ("bf16-pure", True, 8, 32.0, 0.0), name
+                settings["lora_targets"], settings["grad_clip"]) == ("bf16-pure", True, 8, 32.0, "q_proj,v_proj", 0.0), name
         specs[name]["run"](settings, tmp_path / name, cfg)
-    assert [(c.task, c.dtype, c.lora_rank, c.optimizer_in_backward, c.grad_checkpointing) for c in seen] == \
-        [(task, "bf16-pure", 8, True, True) for task in ("rgen", "q2a", "q2ra")]
+    assert [(c.task, c.dtype, c.lora_rank, c.lora_targets, c.optimizer_in_backward, c.grad_checkpointing)
+            for c in seen] == [(task, "bf16-pure", 8, "q_proj,v_proj", True, True) for task in ("rgen", "q2a", "q2ra")]
     assert "grad_checkpointing" not in specs["q2a"]["settings"]  # a memory setting: the same results
     assert specs["augment"]["settings"]["dtype"] == specs["eval_q2ra"]["settings"]["dtype"] == "bf16"
 
