@@ -13,16 +13,19 @@ The estimate follows what this code keeps alive, per token of the micro-batch:
 - gradients: the trainable parameters' dtype; with the optimizer in the backward pass only the
   largest single gradient (the embedding's, which fills over the whole backward pass);
 - optimizer state: two AdamW moments per trainable parameter (fp32, or bf16 in bf16-pure);
-- activations: what autograd saves in one block (the two RMSNorms' fp32 inputs, the projections'
-  inputs, RoPE's fp32 tensors, attention's q, k, v and output, SwiGLU's four wide tensors), for
-  every block, or with gradient checkpointing only each block's input plus one block recomputed;
-  and once more for the activation gradients of the block the backward pass is in; under LoRA
-  also each adapter's input and its rank-sized product;
+- activations: what autograd saves in one block (block_activation_bytes: the RMSNorms' fp32
+  inputs, the matmuls' inputs, attention's q, k, v, output and logsumexp, SwiGLU's three wide
+  tensors; under LoRA the adapters' inputs instead of the frozen layers'), for every block, or
+  with gradient checkpointing only each block's input plus one block recomputed; and once more
+  for the activation gradients of the block the backward pass is in;
 - logits: the positions with a loss times the vocabulary, as logits, their fp32 copy, the saved
   log-softmax and its gradient; with gradient checkpointing only a chunk of positions at a time;
+- weight copies: under autocast (--dtype bf16), the bf16 copy of every trained matrix;
 - the embedding's gradient as the backward pass forms it, before adding it to the parameter's
   (on a CPU torch forms it in fp32 first): after the activations are gone, so the larger of the two
   counts.
+Activations, logits and weight copies are added up, although with checkpointing they partly come
+one after another: the total is an upper bound there.
 Not counted: the framework itself (the CUDA context, the allocator's slack, Python), and the
 optimizer's temporaries, which live after the activations are gone.
 """
@@ -79,16 +82,39 @@ def parameter_count(c: LlamaConfig) -> int:
     return c.vocab_size * c.hidden_size + head + c.num_hidden_layers * block + c.hidden_size
 
 
-def block_activation_bytes(c: LlamaConfig, autocast: bool, compute: int) -> int:
-    """Bytes autograd saves per token in one decoder block (see the module's docstring)."""
+# The input each adapted layer reads: q, k and v share one, and o_proj's is attention's output.
+LAYER_INPUT = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "attention output",
+               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down"}
+
+
+def block_activation_bytes(c: LlamaConfig, dtype: str, lora_rank: int = 0, lora_targets=lora.TARGETS) -> int:
+    """Bytes autograd saves per token in one decoder block, the block's input included where it is
+    saved: exactly the tensors tests/test_memory.py counts on a real block in each mode. dtype:
+    fp32, bf16 (fp32 weights and residual stream, bf16 matmuls under autocast) or bf16-pure."""
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    d, f = c.hidden_size, c.intermediate_size
-    norms = 2 * (4 * d + compute * d)                        # fp32 input and normalised output, twice
-    inputs = (3 if autocast else 1) * compute * d + (2 if autocast else 1) * compute * d  # autocast casts per layer
-    rope = 2 * 4 * (q + kv)                                  # fp32 q and k, and their rotated halves
-    attention = compute * (q + 2 * kv) + 2 * compute * q     # q, k, v; the output, and o_proj's input
-    swiglu = 4 * compute * f                                 # gate, silu(gate), up, and down_proj's input
-    return norms + inputs + rope + attention + swiglu
+    d, f, heads = c.hidden_size, c.intermediate_size, c.num_attention_heads
+    autocast = dtype == "bf16" and not lora_rank  # LoRA's frozen base is bf16: autocast casts only the adapters
+    compute = 4 if dtype == "fp32" else 2                        # the matmuls' dtype
+    residual = 4 if dtype == "fp32" or autocast else 2           # the residual stream's
+    norms = 2 * (4 * d + 4)                                      # each RMSNorm's fp32 input and 1 / rms
+    attention = compute * (2 * q + 2 * kv) + 4 * heads           # q, k, v, output (o_proj's input); logsumexp
+    swiglu = 3 * compute * f                                     # gate, silu(gate), up
+    if not lora_rank:
+        norms += 2 * residual * d                                # each norm's output, for its weight's gradient
+        # the matmuls' inputs, for their weights' gradients: autocast casts attention's for each of q,
+        # k and v, and the MLP's for gate and up; down's (the SwiGLU product) is in compute dtype already
+        inputs = (5 * compute * d if autocast else 2 * residual * d) + compute * f
+        return norms + inputs + attention + swiglu
+    # Under LoRA the frozen layers save nothing for weight gradients; each adapter saves its input
+    # (an fp32 copy of its own; under autocast, a bf16 one) and A x; in fp32 no copy is made, so
+    # adapters reading the same tensor share it, and o_proj's is attention's output, counted above.
+    shapes = linear_shapes(c)
+    if dtype == "fp32":
+        inputs = sum(4 * shapes[t][0] for t in {LAYER_INPUT[t]: t for t in lora_targets if t != "o_proj"}.values())
+    else:
+        inputs = sum((2 if dtype == "bf16" else 4) * shapes[t][0] for t in lora_targets)
+    products = len(lora_targets) * (2 if dtype == "bf16" else 4) * lora_rank
+    return norms + inputs + products + attention + swiglu
 
 
 def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, optimizer_in_backward: bool = False,
@@ -114,21 +140,23 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     compute = 4 if dtype == "fp32" else 2
     residual = 2 if dtype == "bf16-pure" or (lora_rank and dtype != "fp32") else 4
     tokens = batch * seq
-    block = tokens * block_activation_bytes(c, dtype == "bf16", compute)
-    if lora_rank:  # each adapter keeps its own copy of the layer's input, and A x, for its two matmuls
-        block += tokens * compute * sum(shapes[t][0] + lora_rank for t in lora_targets)
+    block = tokens * block_activation_bytes(c, dtype, lora_rank, lora_targets)
     layers = c.num_hidden_layers
     kept = layers * tokens * residual * c.hidden_size + block if grad_checkpointing else layers * block
     activations = kept + block                               # + the gradients of one block's activations
     rows = min(targets, loss_chunk) if grad_checkpointing and loss_chunk else targets
     logits = rows * c.vocab_size * ((compute if compute != 4 else 0) + 12)
+    # Autocast's bf16 copy of every trained matrix (the output head's included), which autograd saves
+    # (and, with checkpointing, autocast's cache holds until the forward pass ends).
+    matrices = trainable if lora_rank else layers * sum(i * o for i, o in shapes.values()) + c.vocab_size * c.hidden_size
+    weight_copies = 2 * matrices if dtype == "bf16" else 0
     # The embedding's gradient is formed whole (and then added to the tied head's): on a CPU in fp32 first.
     embedding_gradient = 0 if lora_rank else \
         c.vocab_size * c.hidden_size * (trainable_bytes + (4 if device == "cpu" else 0))
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
-             "logits": logits, "embedding_gradient": embedding_gradient}
+             "logits": logits, "weight_copies": weight_copies, "embedding_gradient": embedding_gradient}
     held = weights + gradients + optimizer
-    return {**parts, "total": held + max(activations + logits, embedding_gradient)}
+    return {**parts, "total": held + max(activations + logits + weight_copies, embedding_gradient)}
 
 
 def plan(c: LlamaConfig, lengths: list[int], targets: list[int], micro_batches: list[list[int]],

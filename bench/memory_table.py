@@ -2,8 +2,9 @@
 measurement of the real Llama-3.2-1B shapes on this machine beside its estimate.
 
     python bench/memory_table.py              # the README's table: estimates for 1B, 3B and 8B at batch 8 x 512
-    python bench/memory_table.py --measure    # + two bf16-pure steps of the 1B shapes (random weights,
-                                        #   batch 1 x 128) on the CPU: peak RSS beside the estimate
+    python bench/memory_table.py --measure    # + peak RSS beside the estimate on this CPU (random weights,
+                                        #   two steps): the 1B shapes in bf16-pure at batch 1 x 128, and
+                                        #   two 1B-wide blocks at 1 x 1,024 in fp32, bf16 and bf16-pure
 
 The table's micro-batch: 8 examples of 512 tokens whose second halves are replies (2,048
 positions with a loss, as a q2ra example's reasoning and label). LoRA: rank 16 on every linear
@@ -13,6 +14,7 @@ context and the allocator's slack come on top (typically 0.5-1 GB).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -55,13 +57,18 @@ def table(batch=8, seq=512, targets=2048) -> str:
     return "\n".join(lines)
 
 
-def measure_1b(batch=1, seq=128, steps=2) -> dict:
-    """Two bf16-pure optimizer steps of the real 1B shapes (random weights) on the CPU, through
-    train.py's own forward_backward and optim.py's step; the peak beside the estimate."""
-    config, device = MODELS["Llama-3.2-1B"], torch.device("cpu")
+# The 1B model's blocks, two of them, and a small vocabulary: a step whose activations dominate.
+WIDE = LlamaConfig(vocab_size=1000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=2,
+                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+
+
+def measure(config: LlamaConfig, dtype: str, batch: int, seq: int, steps: int = 2) -> dict:
+    """`steps` optimizer steps of a random model on the CPU, through train.py's own train_step and
+    optim.py's AdamW; the peak resident memory from before the model is built, beside the estimate."""
+    device = torch.device("cpu")
     peak = memory.memory_probe(device)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # build the weights in bf16 at once, as load_model would
+    torch.set_default_dtype(torch.bfloat16 if dtype == "bf16-pure" else torch.float32)  # as load_model builds it
     try:
         model = Llama(config).train()
     finally:
@@ -73,23 +80,35 @@ def measure_1b(batch=1, seq=128, steps=2) -> dict:
     micro = data.collate(examples, pad_id=0)
     start = time.perf_counter()
     for _ in range(steps):
-        train.forward_backward(model, [micro], autocast=False)
-        optim.optimizer_step(optimizer, model.parameters(), grad_clip=1.0)
-    estimate = memory.estimate(config, batch, seq, len(micro.targets), "bf16-pure", device="cpu")["total"]
+        train.train_step(model, optimizer, [micro], 1e-5, dtype == "bf16", grad_clip=1.0)
+    estimate = memory.estimate(config, batch, seq, len(micro.targets), dtype, device="cpu")["total"]
     return {"measured_bytes": peak(), "estimate_bytes": estimate, "seconds": time.perf_counter() - start}
+
+
+def measure_apart(*args) -> dict:
+    """measure() in a process of its own: freed memory stays in a process's allocator, so a second
+    measurement in the same process would see too little."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure, args)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--measure", action="store_true", help="also measure the 1B shapes on this CPU (about 10 GB RAM)")
+    p.add_argument("--measure", action="store_true", help="also measure on this CPU: the 1B shapes (about 12 GB "
+                   "RAM) and a two-block model at the 1B width in each dtype")
     args = p.parse_args(argv)
     print(table())
-    if args.measure:
-        result = measure_1b()
+    if not args.measure:
+        return
+    runs = [("Llama-3.2-1B shapes", MODELS["Llama-3.2-1B"], "bf16-pure", 1, 128)] + \
+        [("two 1B blocks, vocabulary 1,000", WIDE, dtype, 1, 1024) for dtype in ("fp32", "bf16", "bf16-pure")]
+    print()
+    for name, config, dtype, batch, seq in runs:
+        result = measure_apart(config, dtype, batch, seq)
         ratio = result["measured_bytes"] / result["estimate_bytes"]
-        print(f"\nLlama-3.2-1B shapes, bf16-pure, batch 1 x 128, two steps on this CPU: peak RSS "
+        print(f"{name}, {dtype}, batch {batch} x {seq}, two steps on this CPU: peak RSS "
               f"{memory.readable(result['measured_bytes'])}, estimate {memory.readable(result['estimate_bytes'])} "
-              f"(measured / estimate = {ratio:.3f}), {result['seconds']:.0f} s")
+              f"(measured / estimate = {ratio:.2f}), {result['seconds']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
