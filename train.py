@@ -163,8 +163,8 @@ def loss_sum(model: Llama, batch: data.Batch, autocast: bool) -> torch.Tensor:
     """Summed cross-entropy (fp32) of the target tokens of one micro-batch.
 
     Right padding only trails real tokens, so plain causal attention (no mask, the fast path)
-    is exact for every real token. Only the positions with a loss go through
-    the output head: with a 128k vocabulary, the full (B, T, vocab) logits would dominate memory.
+    is exact for every real token. Only the positions with a loss go through the output head:
+    with a 128k vocabulary, the full (B, T, vocab) logits would dominate memory.
     Even so, 2,048 reply tokens make 3.7 GB of logits in bf16 and fp32: with gradient
     checkpointing they are also computed LOSS_CHUNK positions at a time, and again in the
     backward pass instead of being kept."""

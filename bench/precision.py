@@ -91,8 +91,9 @@ def fine_tune(start: dict, mode: str, batches, held_out, lr: float, eval_every: 
     return losses
 
 
-def demo_q2a(out: Path) -> dict:
-    """The demo's q2a stage in each training precision: test accuracy and its 95 % interval."""
+def demo_q2a(out: Path, max_steps: int = 0) -> dict:
+    """The demo's q2a stage in each training precision (stopped after max_steps optimizer steps;
+    0: the whole stage): test accuracy and its 95 % interval."""
     import demo
     import eval as evaluation
     import pipeline
@@ -103,7 +104,8 @@ def demo_q2a(out: Path) -> dict:
     results = {}
     for dtype in ("fp32", "bf16", "bf16-pure"):
         folder = out / f"q2a-{dtype}"
-        best = train.train(train.TrainConfig(**{**settings, "dtype": dtype}, out=str(folder), device="cpu"))
+        best = train.train(train.TrainConfig(**{**settings, "dtype": dtype}, out=str(folder), device="cpu",
+                                             max_steps=max_steps))
         report = evaluation.evaluate(best, "q2a", settings["data"], split="test", out_dir=folder / "eval",
                                      device="cpu", dtype="fp32")
         n = report["n"]
@@ -140,6 +142,8 @@ def main(argv=None):
     p.add_argument("--out", default="precision.json", help="the JSON written; the plot goes beside it (.png)")
     p.add_argument("--demo-q2a", action="store_true", help="also the demo's q2a stage in each --dtype")
     p.add_argument("--demo-out", default="runs/precision-demo", help="where --demo-q2a builds the demo and trains")
+    p.add_argument("--demo-max-steps", type=int, default=0,
+                   help="stop each of --demo-q2a's runs after N optimizer steps (0: the demo's whole q2a stage)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = pretrained(args.pretrain_steps)
@@ -159,7 +163,7 @@ def main(argv=None):
     for mode, gap in result["gap_to_fp32_over_drop"].items():
         print(f"{mode}: final loss {gap:+.1%} of fp32 master's drop away from it")
     if args.demo_q2a:
-        result["demo_q2a"] = demo_q2a(Path(args.demo_out))
+        result["demo_q2a"] = demo_q2a(Path(args.demo_out), args.demo_max_steps)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         for dtype, r in result["demo_q2a"].items():
             low, high = r["ci95"]

@@ -79,3 +79,20 @@ def test_precision_experiment_writes_its_curves(tmp_path, capsys):
     moved = {mode: curve[0] - curve[-1] for mode, curve in losses.items()}
     assert moved["fp32 master"] > 0 and moved["bf16 nearest"] < moved["bf16-pure"]
     assert "of fp32 master's drop" in capsys.readouterr().out
+
+
+def test_precision_experiment_trains_the_demo_s_q2a_in_each_dtype(tmp_path, capsys):
+    """--demo-q2a, shortened to two optimizer steps per run: the demo is built, q2a trains in each
+    --dtype and is scored on the whole test split, and the accuracies are printed with intervals."""
+    import precision
+    out = tmp_path / "precision.json"
+    precision.main(["--pretrain-steps", "2", "--steps", "2", "--eval-every", "1", "--out", str(out), "--demo-q2a",
+                    "--demo-out", str(tmp_path / "demo"), "--demo-max-steps", "2"])
+    runs = json.loads(out.read_text())["demo_q2a"]
+    assert set(runs) == {"fp32", "bf16", "bf16-pure"}
+    for dtype, run in runs.items():
+        low, high = run["ci95"]
+        assert run["n"] == 300 and low <= run["accuracy"] <= high, dtype
+        trained = json.loads((tmp_path / "demo" / f"q2a-{dtype}" / "train_config.json").read_text())["config"]
+        assert (trained["dtype"], trained["max_steps"]) == (dtype, 2)
+    assert capsys.readouterr().out.count("demo q2a trained in") == 3
