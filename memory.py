@@ -110,7 +110,8 @@ def block_activation_bytes(c: LlamaConfig, dtype: str, lora_rank: int = 0, lora_
     # adapters reading the same tensor share it, and o_proj's is attention's output, counted above.
     shapes = linear_shapes(c)
     if dtype == "fp32":
-        inputs = sum(4 * shapes[t][0] for t in {LAYER_INPUT[t]: t for t in lora_targets if t != "o_proj"}.values())
+        widths = {LAYER_INPUT[t]: shapes[t][0] for t in lora_targets if t != "o_proj"}  # one per shared input
+        inputs = 4 * sum(widths.values())
     else:
         inputs = sum((2 if dtype == "bf16" else 4) * shapes[t][0] for t in lora_targets)
     products = len(lora_targets) * (2 if dtype == "bf16" else 4) * lora_rank
@@ -148,7 +149,8 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     logits = rows * c.vocab_size * ((compute if compute != 4 else 0) + 12)
     # Autocast's bf16 copy of every trained matrix (the output head's included), which autograd saves
     # (and, with checkpointing, autocast's cache holds until the forward pass ends).
-    matrices = trainable if lora_rank else layers * sum(i * o for i, o in shapes.values()) + c.vocab_size * c.hidden_size
+    head = c.vocab_size * c.hidden_size
+    matrices = trainable if lora_rank else layers * sum(i * o for i, o in shapes.values()) + head
     weight_copies = 2 * matrices if dtype == "bf16" else 0
     # The embedding's gradient is formed whole (and then added to the tied head's): on a CPU in fp32 first.
     embedding_gradient = 0 if lora_rank else \
