@@ -53,8 +53,9 @@ class MemoryFlags:
     optimizer_in_backward: bool = option(False, "update each parameter as soon as its gradient is complete and free "
                                          "that gradient, so the full set of gradients never exists (saves 2 bytes "
                                          "per parameter in bf16-pure, 4 in fp32); needs --grad-accum 1 (so one "
-                                         "process: ranks share a step's micro-batches) and --grad-clip 0 (no "
-                                         "global norm to clip by)")
+                                         "process: ranks share a step's micro-batches) and no gradient clipping (no "
+                                         "global norm exists to clip by: train.py wants --grad-clip 0, the pipeline "
+                                         "sets it)")
     lora_rank: int = option(0, "LoRA: train a rank-R update beside each targeted linear layer while the model "
                             "stays frozen in the run's dtype (bf16 for bf16 and bf16-pure); the adapters train in "
                             "fp32. best/ and last/ hold the merged weights, best-adapter/ and last-adapter/ the "
