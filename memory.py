@@ -19,7 +19,8 @@ The estimate follows what this code keeps alive, per token of the micro-batch:
   with gradient checkpointing only each block's input plus one block recomputed; and once more
   for the activation gradients of the block the backward pass is in;
 - logits: the positions with a loss times the vocabulary, as logits, their fp32 copy, the saved
-  log-softmax and its gradient; with gradient checkpointing only a chunk of positions at a time;
+  log-softmax and its gradient; with gradient checkpointing only a chunk of positions at a time,
+  as logits and their fp32 copy, which becomes their gradient in place (train.ChunkedHeadLoss);
 - weight copies: under autocast (--dtype bf16), the bf16 copy of every trained matrix;
 - the embedding's gradient as the backward pass forms it, before adding it to the parameter's
   (on a CPU torch forms it in fp32 first): after the activations are gone, so the larger of the two
@@ -146,8 +147,10 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     layers = c.num_hidden_layers
     kept = layers * tokens * residual * c.hidden_size + block if grad_checkpointing else layers * block
     activations = kept + block                               # + the gradients of one block's activations
-    rows = min(targets, loss_chunk) if grad_checkpointing and loss_chunk else targets
-    logits = rows * c.vocab_size * ((compute if compute != 4 else 0) + 12)
+    chunked = grad_checkpointing and 0 < loss_chunk < targets  # train.ChunkedHeadLoss
+    rows = loss_chunk if chunked else targets
+    # The logits in the matmul's dtype and in fp32; unchunked also the saved log-softmax and its gradient.
+    logits = rows * c.vocab_size * ((compute if compute != 4 else 0) + (4 if chunked else 12))
     # Autocast's bf16 copy of every trained matrix (the output head's included), which autograd saves
     # (and, with checkpointing, autocast's cache holds until the forward pass ends).
     head = c.vocab_size * c.hidden_size

@@ -62,7 +62,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint as recompute_in_backward
 from tqdm import tqdm
 
 import checkpoint
@@ -164,23 +163,56 @@ def loss_sum(model: Llama, batch: data.Batch, autocast: bool) -> torch.Tensor:
 
     Right padding only trails real tokens, so plain causal attention (no mask, the fast path)
     is exact for every real token. Only the positions with a loss go through the output head:
-    with a 128k vocabulary, the full (B, T, vocab) logits would dominate memory.
-    Even so, 2,048 reply tokens make 3.7 GB of logits in bf16 and fp32: with gradient
-    checkpointing they are also computed LOSS_CHUNK positions at a time, and again in the
-    backward pass instead of being kept."""
+    with a 128k vocabulary, the full (B, T, vocab) logits would dominate memory. Even so, 2,048
+    reply tokens make 3.7 GB of logits in bf16 and fp32: with gradient checkpointing they are
+    formed LOSS_CHUNK positions at a time, with their gradients (ChunkedHeadLoss)."""
     with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         h = model.hidden_states(batch.input_ids)                            # (B, T, d)
         h = h.flatten(0, 1).index_select(0, batch.loss_pos)                 # (N, d)
     if not (model.gradient_checkpointing and model.training) or len(h) <= LOSS_CHUNK:
         return head_loss(model.lm_head, h, batch.targets, autocast)
-    return sum(recompute_in_backward(head_loss, model.lm_head, h_chunk, targets, autocast, use_reentrant=False)
-               for h_chunk, targets in zip(h.split(LOSS_CHUNK), batch.targets.split(LOSS_CHUNK)))
+    return ChunkedHeadLoss.apply(h, model.lm_head.weight, batch.targets, autocast)
 
 
 def head_loss(lm_head: torch.nn.Linear, h: torch.Tensor, targets: torch.Tensor, autocast: bool) -> torch.Tensor:
     with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=autocast):
         logits = lm_head(h)                                                 # (N, vocab)
     return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """head_loss, LOSS_CHUNK positions at a time, each chunk's gradients formed at once:
+    d loss / d logits = softmax(logits) - onehot(target). No chunk's logits outlive it, and the
+    backward pass only scales what the forward pass kept (d loss / d h, and d loss / d weight
+    unless the head is frozen), so nothing is recomputed. The logits' matmul runs in bf16 under
+    autocast, as head_loss's does, the softmax in fp32, and the weight's gradient accumulates in
+    the weight's own dtype, in place."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, autocast: bool):
+        compute = torch.bfloat16 if autocast else weight.dtype
+        w = weight.to(compute)
+        grad_h = torch.empty_like(h)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, len(h), LOSS_CHUNK):
+            rows, chunk_targets = h[start:start + LOSS_CHUNK].to(compute), targets[start:start + LOSS_CHUNK]
+            d_logits = F.linear(rows, w).float()          # the logits (n, vocab), then in place their gradient
+            lse = d_logits.logsumexp(-1)
+            total += (lse - d_logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            d_logits.sub_(lse[:, None]).exp_()           # the softmax
+            d_logits[torch.arange(len(rows), device=h.device), chunk_targets] -= 1
+            d_logits = d_logits.to(compute)
+            grad_h[start:start + LOSS_CHUNK] = d_logits @ w
+            if grad_weight is not None:
+                grad_weight.addmm_(d_logits.T.to(weight.dtype), rows.to(weight.dtype))
+        ctx.save_for_backward(grad_h, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_weight = ctx.saved_tensors
+        return grad_h * grad_total, None if grad_weight is None else grad_weight * grad_total, None, None
 
 
 def count_targets(micro_batches: list[data.Batch]) -> int:

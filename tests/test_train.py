@@ -264,13 +264,15 @@ def test_loss_matches_transformers(assets, chat_format):
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chat_format", ["llama3", "chatml"])  # a tied output head, and its own
 @pytest.mark.parametrize("loss_chunk", [train.LOSS_CHUNK, 7])
-def test_gradient_checkpointing_gives_the_same_gradients(assets, monkeypatch, loss_chunk):
-    """Blocks recomputed in the backward pass; with a small LOSS_CHUNK also the output head, a
-    chunk of positions at a time (the sum then adds in another order: equal to float rounding)."""
+def test_gradient_checkpointing_gives_the_same_gradients(assets, monkeypatch, loss_chunk, chat_format):
+    """Blocks recomputed in the backward pass; with a small LOSS_CHUNK the output head's loss and
+    gradients formed a chunk of positions at a time (ChunkedHeadLoss: sums in another order,
+    equal to float rounding)."""
     monkeypatch.setattr(train, "LOSS_CHUNK", loss_chunk)
-    model = checkpoint.load_model(assets.model["chatml"]).train()
-    tokenizer = Tokenizer(assets.model["chatml"])
+    model = checkpoint.load_model(assets.model[chat_format]).train()
+    tokenizer = Tokenizer(assets.model[chat_format])
     micro = [data.collate(examples_of("q2ra", tokenizer, assets.rows[i:i + 3]), tokenizer.pad_id) for i in (0, 3)]
     assert min(len(b.targets) for b in micro) > 7, [len(b.targets) for b in micro]
     loss_plain, grads_plain = grads(model, micro)
@@ -281,6 +283,37 @@ def test_gradient_checkpointing_gives_the_same_gradients(assets, monkeypatch, lo
     assert loss_ckpt == pytest.approx(loss_plain, rel=1e-6)
     for a, b in zip(grads_plain, grads_ckpt):
         torch.testing.assert_close(b, a, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-pure", "lora"])
+def test_chunked_head_loss_follows_autograd_in_bf16_and_under_lora(assets, monkeypatch, precision):
+    """ChunkedHeadLoss against autograd through head_loss, on the same hidden states: under bf16
+    autocast (fp32 weights, bf16 matmuls), with bf16 weights, and with a frozen head (LoRA,
+    whose head gets no gradient): the same loss and gradients, to bf16's rounding."""
+    monkeypatch.setattr(train, "LOSS_CHUNK", 7)
+    model = checkpoint.load_model(assets.model["llama3"], dtype=torch.bfloat16 if precision == "bf16-pure"
+                                  else torch.float32)
+    head = model.lm_head.requires_grad_(precision != "lora")
+    h = torch.randn(30, model.config.hidden_size, dtype=head.weight.dtype, requires_grad=True)
+    targets = torch.randint(0, model.config.vocab_size, (30,))
+    autocast = precision == "bf16"
+    results = []
+    for loss_fn in (lambda: train.head_loss(head, h, targets, autocast),
+                    lambda: train.ChunkedHeadLoss.apply(h, head.weight, targets, autocast)):
+        h.grad = head.weight.grad = None
+        loss = loss_fn()
+        (loss / 30).backward()
+        results.append((loss, h.grad, head.weight.grad))
+    (loss_a, h_a, w_a), (loss_b, h_b, w_b) = results
+
+    def relative_error(ours, reference):  # bf16 rounds each element: compare whole tensors
+        return float((ours.float() - reference.float()).norm() / reference.float().norm())
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
+    assert h_b.dtype == h.dtype and relative_error(h_b, h_a) < 1e-2
+    if precision == "lora":
+        assert w_a is None and w_b is None
+    else:
+        assert w_b.dtype == head.weight.dtype and relative_error(w_b, w_a) < 1e-2
 
 
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
