@@ -211,8 +211,10 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
+        # Scaled in place (the graph is used once): a copy of the head's gradient would add a
+        # vocabulary x d matrix to the peak.
         grad_h, grad_weight = ctx.saved_tensors
-        return grad_h * grad_total, None if grad_weight is None else grad_weight * grad_total, None, None
+        return grad_h.mul_(grad_total), None if grad_weight is None else grad_weight.mul_(grad_total), None, None
 
 
 def count_targets(micro_batches: list[data.Batch]) -> int:
