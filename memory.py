@@ -89,6 +89,14 @@ LAYER_INPUT = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attentio
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down"}
 
 
+def activation_dtypes(dtype: str, lora_rank: int) -> tuple[int, int]:
+    """Bytes per element of the matmuls' results and of the residual stream: fp32 under autocast
+    (fp32 weights), bf16 where the weights are bf16 (bf16-pure, and LoRA's frozen bf16 base)."""
+    compute = 4 if dtype == "fp32" else 2
+    residual = 4 if dtype == "fp32" or (dtype == "bf16" and not lora_rank) else 2
+    return compute, residual
+
+
 def block_activation_bytes(c: LlamaConfig, dtype: str, lora_rank: int = 0, lora_targets=lora.TARGETS) -> int:
     """Bytes autograd saves per token in one decoder block, the block's input included where it is
     saved: exactly the tensors tests/test_memory.py counts on a real block in each mode. dtype:
@@ -96,8 +104,7 @@ def block_activation_bytes(c: LlamaConfig, dtype: str, lora_rank: int = 0, lora_
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     d, f, heads = c.hidden_size, c.intermediate_size, c.num_attention_heads
     autocast = dtype == "bf16" and not lora_rank  # LoRA's frozen base is bf16: autocast casts only the adapters
-    compute = 4 if dtype == "fp32" else 2                        # the matmuls' dtype
-    residual = 4 if dtype == "fp32" or autocast else 2           # the residual stream's
+    compute, residual = activation_dtypes(dtype, lora_rank)
     norms = 2 * (4 * d + 4)                                      # each RMSNorm's fp32 input and 1 / rms
     attention = compute * (2 * q + 2 * kv) + 4 * heads           # q, k, v, output (o_proj's input); logsumexp
     swiglu = 3 * compute * f                                     # gate, silu(gate), up
@@ -140,8 +147,7 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     gradients = (largest if optimizer_in_backward else trainable) * trainable_bytes
     optimizer = 2 * trainable * trainable_bytes
 
-    compute = 4 if dtype == "fp32" else 2
-    residual = 2 if dtype == "bf16-pure" or (lora_rank and dtype != "fp32") else 4
+    compute, residual = activation_dtypes(dtype, lora_rank)
     tokens = batch * seq
     block = tokens * block_activation_bytes(c, dtype, lora_rank, lora_targets)
     layers = c.num_hidden_layers
