@@ -12,23 +12,24 @@ The estimate follows what this code keeps alive, per token of the micro-batch:
   frozen base in the run's dtype plus fp32 adapters;
 - gradients: the trainable parameters' dtype; with the optimizer in the backward pass only the
   largest single gradient (the embedding's, which fills over the whole backward pass);
-- optimizer state: two AdamW moments per trainable parameter (fp32, or bf16 in bf16-pure);
+- optimizer state: two AdamW moments per trainable parameter (fp32, or bf16 in bf16-pure), and
+  bf16-pure's fp32 temporaries for one slice of a parameter while it is updated;
 - activations: what autograd saves in one block (block_activation_bytes: the RMSNorms' fp32
   inputs, the matmuls' inputs, attention's q, k, v, output and logsumexp, SwiGLU's three wide
   tensors; under LoRA the adapters' inputs instead of the frozen layers'), for every block, or
-  with gradient checkpointing only each block's input plus one block recomputed; and once more
-  for the activation gradients of the block the backward pass is in;
+  with gradient checkpointing only each block's input plus one block recomputed; and the
+  gradients of a block's activations while its backward pass runs;
 - logits: the positions with a loss times the vocabulary, as logits, their fp32 copy, the saved
   log-softmax and its gradient; with gradient checkpointing only a chunk of positions at a time,
   as logits and their fp32 copy, which becomes their gradient in place (train.ChunkedHeadLoss);
 - weight copies: under autocast (--dtype bf16), the bf16 copy of every trained matrix;
 - the embedding's gradient as the backward pass forms it, before adding it to the parameter's
-  (on a CPU torch forms it in fp32 first): after the activations are gone, so the larger of the two
-  counts.
-Activations, logits and weight copies are added up, although with checkpointing they partly come
-one after another: the total is an upper bound there.
-Not counted: the framework itself (the CUDA context, the allocator's slack, Python), and the
-optimizer's temporaries, which live after the activations are gone.
+  (on a CPU torch forms it in fp32 first).
+The total is the largest of the phases in which these live together (estimate's docstring).
+bench/memory_trace.py checks it against the tensors a real step holds, traced one by one at the
+real models' shapes: on the README's table it lies between 1 % below and 23 % above them.
+Not counted: the framework itself (the CUDA context, the allocator's slack, Python) and the
+kernels' own workspaces.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 
 import lora
+import optim
 from model import LlamaConfig
 from runtime import option
 
@@ -132,9 +134,13 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
              loss_chunk: int = 0, device: str = "cuda") -> dict[str, int]:
     """Bytes of each part of a training step's peak for a micro-batch of batch x seq tokens of which
     `targets` carry a loss. dtype: bf16 (fp32 masters, autocast), bf16-pure or fp32. loss_chunk:
-    with gradient checkpointing, how many positions' logits exist at once (0: all). `total` adds
-    what lives together at the peak: the activations and logits are gone by the time the
-    embedding's gradient forms, at the very end of the backward pass."""
+    with gradient checkpointing, how many positions' logits exist at once (0: all).
+
+    `total` is the largest of what lives together in each phase of the step, on top of the weights,
+    gradients and optimizer state: the end of the forward pass (the blocks' activations, the
+    logits, autocast's weight copies), a block's backward pass (with checkpointing, the kept block
+    inputs and one block recomputed; with the optimizer in the backward pass, its temporaries
+    too), the embedding's gradient as it forms, and the optimizer step after the backward pass."""
     P, weight, shapes = parameter_count(c), (2 if dtype == "bf16-pure" else 4), linear_shapes(c)
     largest = c.vocab_size * c.hidden_size
     if lora_rank:
@@ -146,29 +152,46 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
         trainable, weights, trainable_bytes = P, P * weight, weight
     gradients = (largest if optimizer_in_backward else trainable) * trainable_bytes
     optimizer = 2 * trainable * trainable_bytes
+    # BF16AdamW updates a slice of at most optim.CHUNK elements at a time through fp32 temporaries
+    # (the gradient, both moments and the weight, and the stochastic rounding's): 28 bytes each.
+    optimizer_temporaries = 28 * min(optim.CHUNK, largest) if trainable_bytes == 2 else 0
 
     compute, residual = activation_dtypes(dtype, lora_rank)
-    tokens = batch * seq
+    tokens, layers, d = batch * seq, c.num_hidden_layers, c.hidden_size
     block = tokens * block_activation_bytes(c, dtype, lora_rank, lora_targets)
-    layers = c.num_hidden_layers
-    kept = layers * tokens * residual * c.hidden_size + block if grad_checkpointing else layers * block
-    activations = kept + block                               # + the gradients of one block's activations
+    # The gradients of one block's activations, at most at once: in the MLP's backward pass those of
+    # the SwiGLU product, of silu(gate) and of up (three wide, one of which replaces the product's
+    # saved input), and of the residual stream (the block's output, its input, and one in between).
+    block_gradients = tokens * (2 * compute * c.intermediate_size + 3 * residual * d)
     chunked = grad_checkpointing and 0 < loss_chunk < targets  # train.ChunkedHeadLoss
     rows = loss_chunk if chunked else targets
     # The logits in the matmul's dtype and in fp32; unchunked also the saved log-softmax and its gradient.
     logits = rows * c.vocab_size * ((compute if compute != 4 else 0) + (4 if chunked else 12))
     # Autocast's bf16 copy of every trained matrix (the output head's included), which autograd saves
-    # (and, with checkpointing, autocast's cache holds until the forward pass ends).
+    # (and, with checkpointing, autocast's cache holds until the forward pass ends; a recomputed
+    # block makes its own again).
     head = c.vocab_size * c.hidden_size
-    matrices = trainable if lora_rank else layers * sum(i * o for i, o in shapes.values()) + head
+    block_matrices = sum(i * o for i, o in shapes.values())
+    matrices = trainable if lora_rank else layers * block_matrices + head
     weight_copies = 2 * matrices if dtype == "bf16" else 0
+    in_backward = optimizer_temporaries if optimizer_in_backward else 0
+    if grad_checkpointing:
+        kept = layers * tokens * residual * d                # each block's input
+        activations = kept + block + block_gradients
+        block_copies = 0 if lora_rank else weight_copies * layers * block_matrices // matrices
+        forward = kept + logits + weight_copies
+        backward = activations + block_copies + in_backward
+    else:
+        activations = layers * block + block_gradients
+        forward = backward = activations + logits + weight_copies + in_backward
     # The embedding's gradient is formed whole (and then added to the tied head's): on a CPU in fp32 first.
     embedding_gradient = 0 if lora_rank else \
         c.vocab_size * c.hidden_size * (trainable_bytes + (4 if device == "cpu" else 0))
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
-             "logits": logits, "weight_copies": weight_copies, "embedding_gradient": embedding_gradient}
+             "logits": logits, "weight_copies": weight_copies, "embedding_gradient": embedding_gradient,
+             "optimizer_temporaries": optimizer_temporaries}
     held = weights + gradients + optimizer
-    return {**parts, "total": held + max(activations + logits + weight_copies, embedding_gradient)}
+    return {**parts, "total": held + max(forward, backward, embedding_gradient, optimizer_temporaries)}
 
 
 def plan(c: LlamaConfig, lengths: list[int], targets: list[int], micro_batches: list[list[int]],

@@ -93,7 +93,8 @@ class InBackward:
             p.register_post_accumulate_grad_hook(self._step)
 
     def _step(self, p: torch.nn.Parameter):
-        self.squared_norm = self.squared_norm + p.grad.detach().float().pow(2).sum()
+        # summed in fp32 without an fp32 copy of the gradient (the 1B embedding's would be 1 GB)
+        self.squared_norm = self.squared_norm + torch.linalg.vector_norm(p.grad, dtype=torch.float32) ** 2
         self.optimizers[p].step()
         p.grad = None
 

@@ -6,8 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import lora
 import memory
+import optim
+import train
 from model import LlamaConfig
 from tiny import tiny_llama
 
@@ -36,9 +39,11 @@ def test_weights_gradients_and_adamw_state_per_parameter(settings, bytes_per_par
     parts = memory.estimate(LLAMA_1B, 1, 1, 1, **settings)
     assert parts["weights"] + parts["gradients"] + parts["optimizer"] == bytes_per_parameter * P_1B
     held = parts["weights"] + parts["gradients"] + parts["optimizer"]
-    at_peak = parts["activations"] + parts["logits"] + parts["weight_copies"]
-    assert parts["total"] == held + max(at_peak, parts["embedding_gradient"])
+    at_peak = parts["activations"] + parts["logits"] + parts["weight_copies"]  # no checkpointing: all at once
+    assert parts["total"] == held + max(at_peak, parts["embedding_gradient"], parts["optimizer_temporaries"])
     assert (parts["weight_copies"] > 0) == (settings["dtype"] == "bf16")  # autocast's bf16 copies
+    # bf16-pure's AdamW updates one slice of optim.CHUNK elements at a time, 28 bytes of fp32 temporaries each
+    assert parts["optimizer_temporaries"] == (28 * optim.CHUNK if settings["dtype"] == "bf16-pure" else 0)
 
 
 def test_the_optimizer_in_backward_keeps_only_the_largest_gradient():
@@ -125,28 +130,72 @@ def test_the_plan_is_the_largest_micro_batch_s_estimate():
 
 def test_the_readme_table_meets_the_targets():
     """Issue 16's targets, at batch 8 x 512 with gradient checkpointing: the 1B full fine-tune in
-    bf16-pure under 12 GB, the 8B with LoRA rank 16 under 22 GB."""
+    bf16-pure under 12 GB, with the optimizer in the backward pass under 9 GB, the 8B with LoRA
+    rank 16 under 22 GB."""
     import memory_table
-    lines = memory_table.table().splitlines()
-    row = {tuple(cell.strip() for cell in line.split("|")[1:3]): float(line.split("|")[4].split()[0])
-           for line in lines[2:]}
-    assert row[("Llama-3.2-1B", "bf16-pure")] <= 12.0
-    assert row[("Llama-3.1-8B", "LoRA r16, bf16 base")] <= 22.0
-    assert row[("Llama-3.2-1B", "bf16-pure + optimizer in backward")] < row[("Llama-3.2-1B", "bf16-pure")]
+    with_checkpointing = {row: cells[1] / 1e9 for row, cells in memory_table.estimates().items()}
+    assert with_checkpointing[("Llama-3.2-1B", "bf16-pure")] <= 12.0
+    assert with_checkpointing[("Llama-3.2-1B", "bf16-pure + optimizer in backward")] <= 9.0
+    assert with_checkpointing[("Llama-3.1-8B", "LoRA r16, bf16 base")] <= 22.0
 
 
-def test_the_benchmark_measures_a_training_step_beside_its_estimate():
+@pytest.mark.parametrize("mode, checkpointing", [("bf16-pure + optimizer in backward", True),
+                                                 ("LoRA r16, bf16 base", True), ("bf16, fp32 master", False)])
+def test_the_estimate_is_near_the_peak_traced_at_the_real_1b_shapes(mode, checkpointing):
+    """A training step of the real Llama-3.2-1B shapes at 8 x 512, traced on fake tensors (seconds,
+    no memory): the estimate lies between 2 % below and 25 % above the tensors it holds at its peak
+    (the README states the range over its whole table)."""
     import memory_table
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    result = memory_table.measure(config, "bf16-pure", batch=2, seq=16)
-    assert result["measured_bytes"] >= 0 and result["seconds"] > 0
-    targets = 2 * 8  # each example's second half is its reply
-    assert result["estimate_bytes"] == memory.estimate(config, 2, 16, targets, "bf16-pure", device="cpu")["total"]
+    import memory_trace
+    settings = memory_table.MODES[mode]
+    traced = memory_trace.traced_peak(LLAMA_1B, 8, 512, grad_checkpointing=checkpointing, **settings)
+    estimate = memory_table.estimates()[("Llama-3.2-1B", mode)][checkpointing]
+    assert 0.98 * traced <= estimate <= 1.25 * traced
+    if mode == "bf16-pure + optimizer in backward":
+        assert traced <= 9e9  # issue 16's target, met by what the step holds, not only by the estimate
 
 
-def test_the_probe_sees_a_tensor_it_did_not_hold_before():
-    peak = memory.memory_probe(torch.device("cpu"))
-    held = torch.ones(64 * 2 ** 20, dtype=torch.uint8)  # 64 MiB, touched
-    assert 60 * 2 ** 20 < peak() < 200 * 2 ** 20
-    del held
+def test_the_tracer_counts_each_live_storage_once():
+    import memory_trace
+    tracker = memory_trace.LiveBytes()
+    with tracker:
+        a = torch.empty(1000, dtype=torch.uint8)
+        view = a[10:]                                   # the same storage: not counted again
+        b = torch.empty(500, dtype=torch.uint8)
+        del a
+        assert tracker.now == 1500                      # the view keeps a's storage alive
+        del view
+        c = torch.empty(2000, dtype=torch.uint8)
+        assert (tracker.now, tracker.peak) == (2500, 2500)
+    del b, c
+
+
+@pytest.mark.parametrize("settings", [dict(dtype="bf16-pure", optimizer_in_backward=True), dict(dtype="bf16", lora_rank=4),
+                                      dict(dtype="fp32")], ids=["bf16-pure-in-backward", "lora", "fp32"])
+def test_fake_tensors_trace_the_peak_of_real_ones(settings):
+    """The tracer's premise: fake tensors (shapes without data) go through the same operations as
+    real ones, so the peak traced on them is the real step's, to within a few small tensors."""
+    import memory_trace
+    config = LlamaConfig(vocab_size=3000, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+    fake, real = (memory_trace.traced_peak(config, 4, 300, grad_checkpointing=True, fake=fake, **settings)
+                  for fake in (True, False))
+    assert abs(fake - real) <= 0.001 * real
+
+
+def test_a_tied_embedding_s_two_gradients_meet_in_place(monkeypatch):
+    """The tracer's one correction: outside a dispatch mode, autograd adds the lookup's gradient
+    into the head's (train.ChunkedHeadLoss's) in place; no third vocabulary x d tensor forms."""
+    model = tiny_llama(3000, tie_word_embeddings=True).train()
+    model.gradient_checkpointing = True
+    batch = data.collate([data.Example(torch.arange(600, dtype=torch.int32) % 3000, torch.arange(600) >= 300)], 0)
+    head_gradient = {}
+    backward = train.ChunkedHeadLoss.backward
+
+    def keep_pointer(ctx, grad_total):
+        grads = backward(ctx, grad_total)
+        head_gradient["pointer"] = grads[1].data_ptr()
+        return grads
+    monkeypatch.setattr(train.ChunkedHeadLoss, "backward", staticmethod(keep_pointer))
+    train.loss_sum(model, batch, autocast=False).backward()
+    assert model.embed_tokens.weight.grad.data_ptr() == head_gradient["pointer"]
