@@ -93,8 +93,9 @@ class InBackward:
             p.register_post_accumulate_grad_hook(self._step)
 
     def _step(self, p: torch.nn.Parameter):
-        # summed in fp32 without an fp32 copy of the gradient (the 1B embedding's would be 1 GB)
-        self.squared_norm = self.squared_norm + torch.linalg.vector_norm(p.grad, dtype=torch.float32) ** 2
+        # summed in fp32 a slice at a time: an fp32 copy of the 1B embedding's gradient would be 1 GB
+        slices = p.grad.detach().flatten().split(CHUNK)
+        self.squared_norm = self.squared_norm + sum(torch.linalg.vector_norm(s, dtype=torch.float32) ** 2 for s in slices)
         self.optimizers[p].step()
         p.grad = None
 
