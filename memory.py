@@ -21,7 +21,7 @@ The estimate follows what this code keeps alive, per token of the micro-batch:
   gradients of a block's activations while its backward pass runs;
 - logits: the positions with a loss times the vocabulary, as logits, their fp32 copy, the saved
   log-softmax and its gradient; with gradient checkpointing only a chunk of positions at a time,
-  as logits and their fp32 copy, which becomes their gradient in place (train.ChunkedHeadLoss);
+  as logits and their fp32 copy, which becomes their gradient in place (loss.ChunkedHeadLoss);
 - weight copies: under autocast (--dtype bf16), the bf16 copy of every trained matrix;
 - the embedding's gradient as the backward pass forms it, before adding it to the parameter's
   (on a CPU torch forms it in fp32 first).
@@ -163,7 +163,7 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     # the SwiGLU product, of silu(gate) and of up (three wide, one of which replaces the product's
     # saved input), and of the residual stream (the block's output, its input, and one in between).
     block_gradients = tokens * (2 * compute * c.intermediate_size + 3 * residual * d)
-    chunked = grad_checkpointing and 0 < loss_chunk < targets  # train.ChunkedHeadLoss
+    chunked = grad_checkpointing and 0 < loss_chunk < targets  # loss.ChunkedHeadLoss
     rows = loss_chunk if chunked else targets
     # The logits in the matmul's dtype and in fp32; unchunked also the saved log-softmax and its gradient.
     logits = rows * c.vocab_size * ((compute if compute != 4 else 0) + (4 if chunked else 12))

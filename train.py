@@ -5,7 +5,7 @@
 
 Read top to bottom, as nanoGPT's train.py: config, seed and device, data (rows -> token ids
 and target masks -> length-grouped batches), model, optimizer, schedule, and the loop with
-validation and checkpoints. A run writes to --out:
+validation and checkpoints. The loss it minimises, on the reply tokens only, is loss.py's. A run writes to --out:
 
     train_config.json   the full config, what the data turned out to be, the memory estimate
     metrics.jsonl       one line per optimizer step: loss, lr, grad norm, val_loss when evaluated,
@@ -61,7 +61,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
@@ -69,6 +68,7 @@ import data
 import lora
 import memory
 import labelset
+import loss
 import runs
 from checkpoint import resolve_checkpoint
 from files import write_json
@@ -76,7 +76,7 @@ from model import Llama
 from optim import build_optimizer, lr_at, optimizer_step
 from tokenizer import Tokenizer
 from runtime import (all_sum, barrier, default_device, distributed, is_main, option, parse_config,
-                     rank_and_world, say, sum_gradients)
+                     rank_and_world, say)
 
 
 # ----------------------------------------------------------------------------- config
@@ -153,92 +153,7 @@ def log(msg: str):
     say("train", msg)
 
 
-# ----------------------------------------------------------------------------- loss
-
-LOSS_CHUNK = 256  # with gradient checkpointing, the positions whose logits exist at once
-
-
-def loss_sum(model: Llama, batch: data.Batch, autocast: bool) -> torch.Tensor:
-    """Summed cross-entropy (fp32) of the target tokens of one micro-batch.
-
-    Right padding only trails real tokens, so plain causal attention (no mask, the fast path)
-    is exact for every real token. Only the positions with a loss go through the output head:
-    with a 128k vocabulary, the full (B, T, vocab) logits would dominate memory. Even so, 2,048
-    reply tokens make 3.7 GB of logits in bf16 and fp32: with gradient checkpointing they are
-    formed LOSS_CHUNK positions at a time, with their gradients (ChunkedHeadLoss)."""
-    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        h = model.hidden_states(batch.input_ids)                            # (B, T, d)
-        h = h.flatten(0, 1).index_select(0, batch.loss_pos)                 # (N, d)
-    if not (model.gradient_checkpointing and model.training) or len(h) <= LOSS_CHUNK:
-        return head_loss(model.lm_head, h, batch.targets, autocast)
-    return ChunkedHeadLoss.apply(h, model.lm_head.weight, batch.targets, autocast)
-
-
-def head_loss(lm_head: torch.nn.Linear, h: torch.Tensor, targets: torch.Tensor, autocast: bool) -> torch.Tensor:
-    with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = lm_head(h)                                                 # (N, vocab)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-
-class ChunkedHeadLoss(torch.autograd.Function):
-    """head_loss, LOSS_CHUNK positions at a time, each chunk's gradients formed at once:
-    d loss / d logits = softmax(logits) - onehot(target). No chunk's logits outlive it, and the
-    backward pass only scales what the forward pass kept (d loss / d h, and d loss / d weight
-    unless the head is frozen), so nothing is recomputed. The logits' matmul runs in bf16 under
-    autocast, as head_loss's does, the softmax in fp32, and the weight's gradient accumulates in
-    the weight's own dtype, in place."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, autocast: bool):
-        compute = torch.bfloat16 if autocast else weight.dtype
-        w = weight.to(compute)
-        grad_h = torch.empty_like(h)
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, len(h), LOSS_CHUNK):
-            rows, chunk_targets = h[start:start + LOSS_CHUNK].to(compute), targets[start:start + LOSS_CHUNK]
-            d_logits = F.linear(rows, w).float()          # the logits (n, vocab), then in place their gradient
-            lse = d_logits.logsumexp(-1)
-            total += (lse - d_logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
-            d_logits.sub_(lse[:, None]).exp_()           # the softmax
-            d_logits[torch.arange(len(rows), device=h.device), chunk_targets] -= 1
-            d_logits = d_logits.to(compute)
-            grad_h[start:start + LOSS_CHUNK] = d_logits @ w
-            if grad_weight is not None:
-                grad_weight.addmm_(d_logits.T.to(weight.dtype), rows.to(weight.dtype))
-        ctx.save_for_backward(grad_h, grad_weight)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        # Scaled in place (the graph is used once): a copy of the head's gradient would add a
-        # vocabulary x d matrix to the peak.
-        grad_h, grad_weight = ctx.saved_tensors
-        return grad_h.mul_(grad_total), None if grad_weight is None else grad_weight.mul_(grad_total), None, None
-
-
-def count_targets(micro_batches: list[data.Batch]) -> int:
-    """Target tokens of one optimizer step; every micro-batch's summed loss is divided by it.
-    (Averaging each micro-batch's mean instead would overweight short examples.)"""
-    return sum(len(b.targets) for b in micro_batches)
-
-
-def forward_backward(model: Llama, micro_batches: list[data.Batch], autocast: bool) -> float:
-    """Accumulate the gradient of one optimizer step: the same as one forward/backward of the
-    concatenated batch. Returns the step's loss per target token. Under torchrun micro_batches
-    are this rank's share of the step, and every rank ends with the gradient of the whole step."""
-    device = model.embed_tokens.weight.device
-    # Counted (over all ranks) before the passes, so that each can run its backward at once.
-    n_targets, = all_sum([count_targets(micro_batches)], device)
-    total = 0.0
-    for batch in micro_batches:
-        loss = loss_sum(model, batch, autocast)
-        (loss / n_targets).backward()
-        total += loss.detach()
-    sum_gradients(model)
-    total, = all_sum([float(total)], device)
-    return total / n_targets
-
+# ----------------------------------------------------------------------------- step
 
 def train_step(model: Llama, optimizer, micro_batches: list[data.Batch], lr: float, autocast: bool,
                grad_clip: float) -> tuple[float, float]:
@@ -247,20 +162,8 @@ def train_step(model: Llama, optimizer, micro_batches: list[data.Batch], lr: flo
     step). With --optimizer-in-backward the parameters are updated during forward_backward."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = forward_backward(model, micro_batches, autocast)
-    return loss, optimizer_step(optimizer, model.parameters(), grad_clip)
-
-
-@torch.no_grad()
-def validation_loss(model: Llama, batches: list[data.Batch], autocast: bool) -> float:
-    """Loss per target token over the whole validation set (under torchrun: batches is this
-    rank's share of it)."""
-    was_training = model.training
-    model.eval()
-    total = sum(float(loss_sum(model, b, autocast)) for b in batches)
-    model.train(was_training)
-    total, count = all_sum([total, count_targets(batches)], model.embed_tokens.weight.device)
-    return total / count
+    step_loss = loss.forward_backward(model, micro_batches, autocast)
+    return step_loss, optimizer_step(optimizer, model.parameters(), grad_clip)
 
 
 # ----------------------------------------------------------------------------- training
@@ -364,7 +267,7 @@ def memory_plan(cfg: TrainConfig, base_dir: Path, train_set: list[data.Example],
     examples, so the same largest one, give or take the grouping)."""
     return memory.plan(checkpoint.config_from_json(base_dir / "config.json"), [len(ex.ids) for ex in train_set],
                        [int(ex.is_target.sum()) for ex in train_set],
-                       [micro for step in first_epoch for micro in step], cfg, LOSS_CHUNK, device.type)
+                       [micro for step in first_epoch for micro in step], cfg, loss.LOSS_CHUNK, device.type)
 
 
 def training_model(path: Path, cfg: TrainConfig, device: torch.device) -> Llama:
@@ -398,7 +301,7 @@ def evaluate_and_keep_best(run: Run, autocast: bool) -> dict:
     """The validation loss (the same on every rank); a new best is saved as OUT/best."""
     if not run.validate:
         return {}
-    val_loss = validation_loss(run.model, run.val_batches, autocast)
+    val_loss = loss.validation_loss(run.model, run.val_batches, autocast)
     if val_loss < run.progress["best_val_loss"]:
         run.progress["best_val_loss"] = val_loss
         if is_main():
@@ -425,15 +328,15 @@ def train(cfg: TrainConfig) -> Path:
             lr = lr_at(progress["step"], run.total_steps, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio)
             micro_batches = [data.collate([run.train_set[i] for i in ids], run.pad_id).to(run.device)
                              for ids in steps[progress["index"]][rank::world]]  # this rank's share of the step
-            loss, grad_norm = train_step(run.model, run.optimizer, micro_batches, lr, autocast, cfg.grad_clip)
+            step_loss, grad_norm = train_step(run.model, run.optimizer, micro_batches, lr, autocast, cfg.grad_clip)
             dt = time.perf_counter() - t0
             progress.update(step=progress["step"] + 1, index=progress["index"] + 1,
                             elapsed_s=time.perf_counter() - start_time)
             step = progress["step"]
             # Summed over the ranks, with the stop requests: any rank's Ctrl-C stops them all at this step.
             tokens, targets, stopping = all_sum([sum(b.n_tokens for b in micro_batches),
-                                                 count_targets(micro_batches), stop.is_set()], run.device)
-            row = {"step": step, "epoch": progress["epoch"], "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                                 loss.count_targets(micro_batches), stop.is_set()], run.device)
+            row = {"step": step, "epoch": progress["epoch"], "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                    "peak_memory_bytes": run.peak_memory(),
                    "tokens_per_s": tokens / dt, "target_tokens_per_s": targets / dt}
             if step % cfg.eval_every == 0 or step == run.stop_step:
@@ -442,7 +345,7 @@ def train(cfg: TrainConfig) -> Path:
             metrics.flush()
             # tok/s counts every real (non-padding) token; tgt/s only the reply tokens that carry the loss
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
                             tgt_s=f"{targets / dt:.0f}", refresh=False)
             if step % cfg.save_every == 0 or step == run.stop_step or stopping:
                 if rank == 0:

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules, one folder up from here
 
 import data  # noqa: E402
+import loss  # noqa: E402
 import memory  # noqa: E402
 import memory_trace  # noqa: E402
 import optim  # noqa: E402
@@ -52,7 +53,7 @@ MODES = {  # name -> memory.estimate's settings
 def estimates(batch=8, seq=512, targets=2048) -> dict[tuple[str, str], list[int]]:
     """(model, mode) -> the estimated bytes with checkpointing off and on."""
     return {(name, mode): [memory.estimate(config, batch, seq, targets, grad_checkpointing=ckpt,
-                                           loss_chunk=train.LOSS_CHUNK, **settings)["total"] for ckpt in (False, True)]
+                                           loss_chunk=loss.LOSS_CHUNK, **settings)["total"] for ckpt in (False, True)]
             for name, config in MODELS.items() for mode, settings in MODES.items()}
 
 

@@ -4,7 +4,7 @@ shapes this machine cannot hold (Llama-3.1-8B) in seconds.
     traced_peak(config, batch, seq, dtype=..., optimizer_in_backward=..., lora_rank=...,
                 grad_checkpointing=...)   -> the most bytes of tensors alive at once
 
-The step is train.py's own (loss_sum and its backward, optim.py's optimizer, LoRA from lora.py),
+The step is our own (loss.loss_sum and its backward, optim.py's optimizer, LoRA from lora.py),
 run twice (the second step is the steady state: the AdamW moments exist) on fake tensors: torch's
 FakeTensorMode gives every tensor its shape, dtype and device but no data, so nothing is
 allocated or computed. A dispatch mode sees each tensor every operation creates; a weakref on its
@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's mo
 
 import data  # noqa: E402
 import lora  # noqa: E402
+import loss  # noqa: E402
 import optim  # noqa: E402
-import train  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 
 
@@ -107,7 +107,7 @@ def traced_peak(config: LlamaConfig, batch: int, seq: int, dtype: str = "bf16", 
         model.gradient_checkpointing = grad_checkpointing
         optimizer = optim.build_optimizer(model, 1e-5, 0.01, optimizer_in_backward, torch.device("cpu"))
         for _ in range(steps):
-            (train.loss_sum(model, micro, autocast=dtype == "bf16") / len(micro.targets)).backward()
+            (loss.loss_sum(model, micro, autocast=dtype == "bf16") / len(micro.targets)).backward()
             if not optimizer_in_backward:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules, one folder up from here
 
 import data  # noqa: E402
+import loss  # noqa: E402
 import optim  # noqa: E402
 import train  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
@@ -57,7 +58,7 @@ def markov_batches(seed: int, n: int, batch: int = 16, seq: int = 64) -> list[da
 
 
 def held_out_loss(model: Llama, batches: list[data.Batch], autocast: bool) -> float:
-    return train.validation_loss(model, batches, autocast)
+    return loss.validation_loss(model, batches, autocast)
 
 
 def pretrained(steps: int) -> dict:
@@ -65,7 +66,7 @@ def pretrained(steps: int) -> dict:
     model = Llama(CONFIG).train()
     optimizer = optim.build_optimizer(model, 3e-3, 0.0, False, torch.device("cpu"))
     for batch in markov_batches(seed=1, n=steps):
-        train.forward_backward(model, [batch], autocast=False)
+        loss.forward_backward(model, [batch], autocast=False)
         optim.optimizer_step(optimizer, model.parameters(), grad_clip=1.0)
     return model.state_dict()
 
@@ -84,7 +85,7 @@ def fine_tune(start: dict, mode: str, batches, held_out, lr: float, eval_every: 
     torch.manual_seed(1)  # the same rounding noise stream for every run of a mode
     losses = [held_out_loss(model, held_out, autocast)]
     for step, batch in enumerate(batches, 1):
-        train.forward_backward(model, [batch], autocast)
+        loss.forward_backward(model, [batch], autocast)
         optim.optimizer_step(optimizer, model.parameters(), grad_clip=1.0)
         if step % eval_every == 0:
             losses.append(held_out_loss(model, held_out, autocast))

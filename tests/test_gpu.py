@@ -15,6 +15,7 @@ import torch
 
 import generate
 import lora
+import loss
 import optim
 import train
 from test_generate import GREEDY, generate_ids, prompts_of, tiny_model
@@ -64,7 +65,7 @@ def test_optimizer_in_backward_equals_the_ordinary_step_on_cuda():
         optimizer = optim.build_optimizer(model, 1e-3, 0.1, in_backward, CUDA)
         losses = []
         for batch in batches(4):
-            losses.append(train.forward_backward(model, [batch.to(CUDA)], autocast=False))
+            losses.append(loss.forward_backward(model, [batch.to(CUDA)], autocast=False))
             optim.optimizer_step(optimizer, model.parameters(), grad_clip=0.0)
         return losses
     assert run(True) == pytest.approx(run(False), rel=1e-4)

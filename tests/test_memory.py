@@ -8,9 +8,9 @@ import torch
 
 import data
 import lora
+import loss
 import memory
 import optim
-import train
 from model import LlamaConfig
 from tiny import tiny_llama
 
@@ -63,14 +63,14 @@ def test_checkpointing_keeps_block_inputs_and_chunks_the_logits():
     plain = memory.estimate(LLAMA_1B, 8, 512, 2048, "bf16-pure")
     ckpt = memory.estimate(LLAMA_1B, 8, 512, 2048, "bf16-pure", grad_checkpointing=True, loss_chunk=256)
     # bf16 logits, their fp32 copy, the saved log-softmax and its gradient; a chunk's bf16 logits and
-    # the fp32 copy that becomes their gradient in place (train.ChunkedHeadLoss)
+    # the fp32 copy that becomes their gradient in place (loss.ChunkedHeadLoss)
     assert (plain["logits"], ckpt["logits"]) == (2048 * 128256 * (2 + 12), 256 * 128256 * (2 + 4))
     assert ckpt["activations"] < plain["activations"] / 5
 
 
 def saved_by_one_block(config, dtype: str, lora_rank: int, lora_targets, B: int, T: int) -> tuple[int, int]:
     """What autograd saves in a forward pass through one real decoder block in the run's set-up
-    (train.training_model's dtypes, train.loss_sum's autocast), as bytes per token and bytes of
+    (train.training_model's dtypes, loss.loss_sum's autocast), as bytes per token and bytes of
     weight-shaped tensors (autocast's weight copies); each storage counted once, parameters and
     the rotary table (shared by every block) left out."""
     model = tiny_llama(50, **config)
@@ -185,17 +185,17 @@ def test_fake_tensors_trace_the_peak_of_real_ones(settings):
 
 def test_a_tied_embedding_s_two_gradients_meet_in_place(monkeypatch):
     """The tracer's one correction: outside a dispatch mode, autograd adds the lookup's gradient
-    into the head's (train.ChunkedHeadLoss's) in place; no third vocabulary x d tensor forms."""
+    into the head's (loss.ChunkedHeadLoss's) in place; no third vocabulary x d tensor forms."""
     model = tiny_llama(3000, tie_word_embeddings=True).train()
     model.gradient_checkpointing = True
     batch = data.collate([data.Example(torch.arange(600, dtype=torch.int32) % 3000, torch.arange(600) >= 300)], 0)
     head_gradient = {}
-    backward = train.ChunkedHeadLoss.backward
+    backward = loss.ChunkedHeadLoss.backward
 
     def keep_pointer(ctx, grad_total):
         grads = backward(ctx, grad_total)
         head_gradient["pointer"] = grads[1].data_ptr()
         return grads
-    monkeypatch.setattr(train.ChunkedHeadLoss, "backward", staticmethod(keep_pointer))
-    train.loss_sum(model, batch, autocast=False).backward()
+    monkeypatch.setattr(loss.ChunkedHeadLoss, "backward", staticmethod(keep_pointer))
+    loss.loss_sum(model, batch, autocast=False).backward()
     assert model.embed_tokens.weight.grad.data_ptr() == head_gradient["pointer"]

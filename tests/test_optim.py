@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import loss
 import optim
 import train
 from tiny import tiny_llama
@@ -88,8 +89,8 @@ def test_optimizer_in_backward_equals_the_ordinary_step(bf16_weights):
         for batch in batches(5):
             for group in optimizer.param_groups:
                 group["lr"] = 1e-3
-            loss = train.forward_backward(model, [batch], autocast=False)
-            history.append((loss, optim.optimizer_step(optimizer, model.parameters(), grad_clip=0.0)))
+            step_loss = loss.forward_backward(model, [batch], autocast=False)
+            history.append((step_loss, optim.optimizer_step(optimizer, model.parameters(), grad_clip=0.0)))
         assert all(p.grad is None for p in model.parameters())
         return history, model
 
@@ -109,7 +110,7 @@ def test_optimizer_in_backward_equals_the_ordinary_step(bf16_weights):
 def test_optimizer_in_backward_state_round_trips():
     model = tiny_llama(VOCAB)
     optimizer = optim.build_optimizer(model, 1e-3, 0.0, True, torch.device("cpu"))
-    train.forward_backward(model, batches(1), autocast=False)
+    loss.forward_backward(model, batches(1), autocast=False)
     restored = optim.build_optimizer(tiny_llama(VOCAB), 1e-3, 0.0, True, torch.device("cpu"))
     restored.load_state_dict(optimizer.state_dict())
     first = next(iter(optimizer.optimizers.values())).state_dict()["state"][0]["exp_avg"]

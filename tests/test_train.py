@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import data
 import labelset
+import loss
 import runs
 import readers
 from files import write_json
@@ -112,8 +113,8 @@ def trajectory(out) -> list[tuple]:
 
 def grads(model, micro_batches):
     model.zero_grad(set_to_none=True)
-    loss = train.forward_backward(model, micro_batches, autocast=False)
-    return loss, [p.grad.clone() for p in model.parameters()]
+    step_loss = loss.forward_backward(model, micro_batches, autocast=False)
+    return step_loss, [p.grad.clone() for p in model.parameters()]
 
 
 # ----------------------------------------------------------------------------- loss positions
@@ -240,7 +241,7 @@ def test_gradient_accumulation_equals_one_big_batch(assets):
     # The tolerance is tight enough to catch the classic mistake: averaging the micro-batch means.
     model.zero_grad(set_to_none=True)
     for b in micro:
-        (train.loss_sum(model, b, False) / len(b.targets) / len(micro)).backward()
+        (loss.loss_sum(model, b, False) / len(b.targets) / len(micro)).backward()
     worst = max((p.grad - g).abs().max().item() for p, g in zip(model.parameters(), grads_big))
     assert worst > 100 * 1e-6
 
@@ -253,7 +254,7 @@ def test_loss_matches_transformers(assets, chat_format):
     tokenizer = Tokenizer(folder)
     batch = data.collate(examples_of("q2ra", tokenizer, assets.rows[:6]), tokenizer.pad_id)
     with torch.no_grad():
-        ours = train.loss_sum(checkpoint.load_model(folder), batch, autocast=False) / len(batch.targets)
+        ours = loss.loss_sum(checkpoint.load_model(folder), batch, autocast=False) / len(batch.targets)
         T = batch.input_ids.shape[1]
         labels = torch.full_like(batch.input_ids, -100).flatten()
         labels[batch.loss_pos + 1] = batch.targets  # HF shifts the labels itself
@@ -265,12 +266,12 @@ def test_loss_matches_transformers(assets, chat_format):
 
 
 @pytest.mark.parametrize("chat_format", ["llama3", "chatml"])  # a tied output head, and its own
-@pytest.mark.parametrize("loss_chunk", [train.LOSS_CHUNK, 7])
+@pytest.mark.parametrize("loss_chunk", [loss.LOSS_CHUNK, 7])
 def test_gradient_checkpointing_gives_the_same_gradients(assets, monkeypatch, loss_chunk, chat_format):
     """Blocks recomputed in the backward pass; with a small LOSS_CHUNK the output head's loss and
     gradients formed a chunk of positions at a time (ChunkedHeadLoss: sums in another order,
     equal to float rounding)."""
-    monkeypatch.setattr(train, "LOSS_CHUNK", loss_chunk)
+    monkeypatch.setattr(loss, "LOSS_CHUNK", loss_chunk)
     model = checkpoint.load_model(assets.model[chat_format]).train()
     tokenizer = Tokenizer(assets.model[chat_format])
     micro = [data.collate(examples_of("q2ra", tokenizer, assets.rows[i:i + 3]), tokenizer.pad_id) for i in (0, 3)]
@@ -290,7 +291,7 @@ def test_chunked_head_loss_follows_autograd_in_bf16_and_under_lora(assets, monke
     """ChunkedHeadLoss against autograd through head_loss, on the same hidden states: under bf16
     autocast (fp32 weights, bf16 matmuls), with bf16 weights, and with a frozen head (LoRA,
     whose head gets no gradient): the same loss and gradients, to bf16's rounding."""
-    monkeypatch.setattr(train, "LOSS_CHUNK", 7)
+    monkeypatch.setattr(loss, "LOSS_CHUNK", 7)
     model = checkpoint.load_model(assets.model["llama3"], dtype=torch.bfloat16 if precision == "bf16-pure"
                                   else torch.float32)
     head = model.lm_head.requires_grad_(precision != "lora")
@@ -298,12 +299,12 @@ def test_chunked_head_loss_follows_autograd_in_bf16_and_under_lora(assets, monke
     targets = torch.randint(0, model.config.vocab_size, (30,))
     autocast = precision == "bf16"
     results = []
-    for loss_fn in (lambda: train.head_loss(head, h, targets, autocast),
-                    lambda: train.ChunkedHeadLoss.apply(h, head.weight, targets, autocast)):
+    for loss_fn in (lambda: loss.head_loss(head, h, targets, autocast),
+                    lambda: loss.ChunkedHeadLoss.apply(h, head.weight, targets, autocast)):
         h.grad = head.weight.grad = None
-        loss = loss_fn()
-        (loss / 30).backward()
-        results.append((loss, h.grad, head.weight.grad))
+        value = loss_fn()
+        (value / 30).backward()
+        results.append((value, h.grad, head.weight.grad))
     (loss_a, h_a, w_a), (loss_b, h_b, w_b) = results
 
     def relative_error(ours, reference):  # bf16 rounds each element: compare whole tensors
@@ -328,7 +329,7 @@ def test_tiny_model_overfits_tiny_dataset(assets, tmp_path, grad_checkpointing):
     tokenizer = Tokenizer(best)
     val_set = examples_of("q2a", tokenizer, assets.rows[48:60])
     batches = [data.collate(val_set[i:i + 4], tokenizer.pad_id) for i in range(0, len(val_set), 4)]
-    assert train.validation_loss(checkpoint.load_model(best), batches, autocast=False) == pytest.approx(min(val), rel=1e-5)
+    assert loss.validation_loss(checkpoint.load_model(best), batches, autocast=False) == pytest.approx(min(val), rel=1e-5)
 
 
 def test_compiled_blocks_train_like_eager_ones(assets, tmp_path, uninterrupted, fresh_dynamo):
