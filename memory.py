@@ -129,6 +129,37 @@ def block_activation_bytes(c: LlamaConfig, dtype: str, lora_rank: int = 0, lora_
     return norms + inputs + products + attention + swiglu
 
 
+def trainable_count(c: LlamaConfig, lora_rank: int = 0, lora_targets=lora.TARGETS) -> int:
+    """Parameters that train: all of them, or LoRA's adapters (A and B of each targeted layer)."""
+    shapes = linear_shapes(c)
+    return c.num_hidden_layers * sum(lora_rank * (shapes[t][0] + shapes[t][1]) for t in lora_targets) \
+        if lora_rank else parameter_count(c)
+
+
+def trained_dtype_bytes(dtype: str, lora_rank: int) -> int:
+    """Bytes per element of the trained parameters, their gradients and moments: bf16 in
+    bf16-pure, else fp32 (bf16's masters, and LoRA's adapters in every dtype)."""
+    return 2 if dtype == "bf16-pure" and not lora_rank else 4
+
+
+def held_bytes(c: LlamaConfig, dtype: str, optimizer_in_backward: bool, lora_rank: int, lora_targets) -> dict[str, int]:
+    """What a run holds all step long (weights, gradients, AdamW's two moments), and what the
+    optimizer adds while it updates a parameter."""
+    trainable, trainable_bytes = trainable_count(c, lora_rank, lora_targets), trained_dtype_bytes(dtype, lora_rank)
+    if lora_rank:
+        frozen = parameter_count(c) * (4 if dtype == "fp32" else 2)
+        largest = max(lora_rank * linear_shapes(c)[t][1] for t in lora_targets)
+    else:
+        frozen, largest = 0, c.vocab_size * c.hidden_size
+    return {"weights": frozen + trainable * trainable_bytes,
+            "gradients": (largest if optimizer_in_backward else trainable) * trainable_bytes,
+            "optimizer": 2 * trainable * trainable_bytes,
+            # BF16AdamW updates a slice of at most optim.CHUNK elements at a time through fp32
+            # temporaries (the gradient, both moments and the weight, and the stochastic rounding's):
+            # 28 bytes each. torch's fused AdamW (fp32) makes none.
+            "optimizer_temporaries": 28 * min(optim.CHUNK, largest) if trainable_bytes == 2 else 0}
+
+
 def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, optimizer_in_backward: bool = False,
              lora_rank: int = 0, lora_targets=lora.TARGETS, grad_checkpointing: bool = False,
              loss_chunk: int = 0, device: str = "cuda") -> dict[str, int]:
@@ -141,21 +172,7 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     logits, autocast's weight copies), a block's backward pass (with checkpointing, the kept block
     inputs and one block recomputed; with the optimizer in the backward pass, its temporaries
     too), the embedding's gradient as it forms, and the optimizer step after the backward pass."""
-    P, weight, shapes = parameter_count(c), (2 if dtype == "bf16-pure" else 4), linear_shapes(c)
-    largest = c.vocab_size * c.hidden_size
-    if lora_rank:
-        trainable = c.num_hidden_layers * sum(lora_rank * (shapes[t][0] + shapes[t][1]) for t in lora_targets)
-        largest = max(lora_rank * shapes[t][1] for t in lora_targets)
-        weights = P * (4 if dtype == "fp32" else 2) + 4 * trainable
-        trainable_bytes = 4                                  # adapters are fp32
-    else:
-        trainable, weights, trainable_bytes = P, P * weight, weight
-    gradients = (largest if optimizer_in_backward else trainable) * trainable_bytes
-    optimizer = 2 * trainable * trainable_bytes
-    # BF16AdamW updates a slice of at most optim.CHUNK elements at a time through fp32 temporaries
-    # (the gradient, both moments and the weight, and the stochastic rounding's): 28 bytes each.
-    optimizer_temporaries = 28 * min(optim.CHUNK, largest) if trainable_bytes == 2 else 0
-
+    held = held_bytes(c, dtype, optimizer_in_backward, lora_rank, lora_targets)
     compute, residual = activation_dtypes(dtype, lora_rank)
     tokens, layers, d = batch * seq, c.num_hidden_layers, c.hidden_size
     block = tokens * block_activation_bytes(c, dtype, lora_rank, lora_targets)
@@ -170,11 +187,11 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     # Autocast's bf16 copy of every trained matrix (the output head's included), which autograd saves
     # (and, with checkpointing, autocast's cache holds until the forward pass ends; a recomputed
     # block makes its own again).
-    head = c.vocab_size * c.hidden_size
-    block_matrices = sum(i * o for i, o in shapes.values())
-    matrices = trainable if lora_rank else layers * block_matrices + head
+    block_matrices = sum(i * o for i, o in linear_shapes(c).values())
+    matrices = trainable_count(c, lora_rank, lora_targets) if lora_rank else \
+        layers * block_matrices + c.vocab_size * d
     weight_copies = 2 * matrices if dtype == "bf16" else 0
-    in_backward = optimizer_temporaries if optimizer_in_backward else 0
+    in_backward = held["optimizer_temporaries"] if optimizer_in_backward else 0
     if grad_checkpointing:
         kept = layers * tokens * residual * d                # each block's input
         activations = kept + block + block_gradients
@@ -186,12 +203,11 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
         forward = backward = activations + logits + weight_copies + in_backward
     # The embedding's gradient is formed whole (and then added to the tied head's): on a CPU in fp32 first.
     embedding_gradient = 0 if lora_rank else \
-        c.vocab_size * c.hidden_size * (trainable_bytes + (4 if device == "cpu" else 0))
-    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
-             "logits": logits, "weight_copies": weight_copies, "embedding_gradient": embedding_gradient,
-             "optimizer_temporaries": optimizer_temporaries}
-    held = weights + gradients + optimizer
-    return {**parts, "total": held + max(forward, backward, embedding_gradient, optimizer_temporaries)}
+        c.vocab_size * d * (trained_dtype_bytes(dtype, lora_rank) + (4 if device == "cpu" else 0))
+    parts = {**held, "activations": activations, "logits": logits, "weight_copies": weight_copies,
+             "embedding_gradient": embedding_gradient}
+    state = held["weights"] + held["gradients"] + held["optimizer"]
+    return {**parts, "total": state + max(forward, backward, embedding_gradient, held["optimizer_temporaries"])}
 
 
 def plan(c: LlamaConfig, lengths: list[int], targets: list[int], micro_batches: list[list[int]],
