@@ -3,6 +3,8 @@ shapes this machine cannot hold (Llama-3.1-8B) in seconds.
 
     traced_peak(config, batch, seq, dtype=..., optimizer_in_backward=..., lora_rank=...,
                 grad_checkpointing=...)   -> the most bytes of tensors alive at once
+    measured_peak(config, batch, seq, device, ...)  -> the same steps run for real: on a GPU, the
+                                                        peak memory torch allocated
 
 The step is our own (loss.loss_sum and its backward, optim.py's optimizer, LoRA from lora.py),
 run twice (the second step is the steady state: the AdamW moments exist) on fake tensors: torch's
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's mo
 import data  # noqa: E402
 import lora  # noqa: E402
 import loss  # noqa: E402
+import memory  # noqa: E402
 import optim  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 
@@ -81,35 +84,55 @@ class LiveBytes(TorchDispatchMode):
             self.engine_add = None
 
 
-def traced_peak(config: LlamaConfig, batch: int, seq: int, dtype: str = "bf16", optimizer_in_backward: bool = False,
-                lora_rank: int = 0, lora_targets=lora.TARGETS, grad_checkpointing: bool = False,
-                steps: int = 2, fake: bool = True) -> int:
-    """The peak bytes of live tensors over `steps` training steps of a micro-batch of batch x seq
-    tokens whose second halves carry the loss (memory.estimate's settings; the model built as
-    train.training_model builds it). No gradient clipping: its norm would need real numbers.
-    fake=False runs the step on real tensors: for small models, to check that fake ones trace the same."""
+def random_micro_batch(config: LlamaConfig, batch: int, seq: int) -> data.Batch:
+    """batch x seq random tokens whose second halves carry the loss (a real batch: collate finds
+    the target positions in the data)."""
     gen = torch.Generator().manual_seed(0)
     examples = [data.Example(torch.randint(0, config.vocab_size, (seq,), generator=gen, dtype=torch.int32),
                              torch.arange(seq) >= seq // 2) for _ in range(batch)]
-    micro = data.collate(examples, pad_id=0)  # real: collate finds the target positions in the data
+    return data.collate(examples, pad_id=0)
+
+
+def run_steps(config: LlamaConfig, micro: data.Batch, device: torch.device, dtype: str = "bf16",
+              optimizer_in_backward: bool = False, lora_rank: int = 0, lora_targets=lora.TARGETS,
+              grad_checkpointing: bool = False, steps: int = 2):
+    """`steps` training steps of a new random model on micro (memory.estimate's settings; the model
+    built as train.training_model builds it). No gradient clipping: its norm would need real numbers."""
     frozen_bf16 = lora_rank and dtype != "fp32"
-    weights = torch.bfloat16 if dtype == "bf16-pure" or frozen_bf16 else torch.float32
-    tracker = LiveBytes()
     default = torch.get_default_dtype()
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), tracker:
-        torch.set_default_dtype(weights)
-        try:
+    torch.set_default_dtype(torch.bfloat16 if dtype == "bf16-pure" or frozen_bf16 else torch.float32)
+    try:
+        with device:
             model = Llama(config).train()
-        finally:
-            torch.set_default_dtype(default)
-        if lora_rank:
-            lora.add_adapters(model, lora_rank, 16.0, lora_targets)
-        model.gradient_checkpointing = grad_checkpointing
-        optimizer = optim.build_optimizer(model, 1e-5, 0.01, optimizer_in_backward, torch.device("cpu"))
-        for _ in range(steps):
-            (loss.loss_sum(model, micro, autocast=dtype == "bf16") / len(micro.targets)).backward()
-            if not optimizer_in_backward:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch.set_default_dtype(default)
+    if lora_rank:
+        lora.add_adapters(model, lora_rank, 16.0, lora_targets)
+    model.gradient_checkpointing = grad_checkpointing
+    optimizer = optim.build_optimizer(model, 1e-5, 0.01, optimizer_in_backward, device)
+    micro = micro.to(device)
+    for _ in range(steps):
+        (loss.loss_sum(model, micro, autocast=dtype == "bf16") / len(micro.targets)).backward()
+        if not optimizer_in_backward:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def traced_peak(config: LlamaConfig, batch: int, seq: int, fake: bool = True, **settings) -> int:
+    """The peak bytes of live tensors over run_steps(**settings) on a micro-batch of batch x seq.
+    fake=False runs the step on real tensors: for small models, to check that fake ones trace the same."""
+    micro = random_micro_batch(config, batch, seq)
+    tracker = LiveBytes()
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), tracker:
+        run_steps(config, micro, torch.device("cpu"), **settings)
         tracker.settle()
     return tracker.peak
+
+
+def measured_peak(config: LlamaConfig, batch: int, seq: int, device: torch.device, **settings) -> int:
+    """The same steps run for real on device, no tracer: memory.memory_probe's peak (on a GPU the
+    memory torch allocated, from before the model was built). The GPU check compares it with the trace."""
+    micro = random_micro_batch(config, batch, seq)
+    peak = memory.memory_probe(device)
+    run_steps(config, micro, device, **settings)
+    return peak()

@@ -2,8 +2,8 @@
 minutes). Skipped without CUDA; the CPU versions of these checks run in the rest of the suite.
 
 fused AdamW and bf16 autocast, bf16-pure, the optimizer in the backward pass, LoRA, the compiled
-decode step replayed without recompiling, the peak-memory report, a 20-step q2a run with resume,
-and the benchmark on the GPU.
+decode step replayed without recompiling, the peak-memory report and the traced peak against
+what the GPU allocates, a 20-step q2a run with resume, and the benchmark on the GPU.
 """
 import json
 import sys
@@ -16,11 +16,13 @@ import torch
 import generate
 import lora
 import loss
+import memory
 import optim
 import train
 from test_generate import GREEDY, generate_ids, prompts_of, tiny_model
 from test_optim import batches
 from test_train import assets, metrics, run_config, trajectory  # noqa: F401 (assets: a fixture)
+from model import LlamaConfig
 from tiny import tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -111,6 +113,23 @@ def test_peak_memory_is_measured_beside_its_estimate(assets, tmp_path):
     assert estimate["bytes"]["total"] > 0 and estimate["batch"] == cfg.batch_size
     peaks = [row["peak_memory_bytes"] for row in metrics(cfg.out)]
     assert 0 < peaks[0] <= peaks[-1]
+
+
+def test_the_cuda_peak_is_the_traced_one():
+    """What a training step allocates on the GPU at most (two 1B-wide blocks, bf16-pure, the
+    optimizer in the backward pass, checkpointing) is its trace on fake tensors
+    (bench/memory_trace.py) give or take the kernels' workspaces, and the estimate covers it: the
+    README's memory table checked on a real GPU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import memory_trace
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=2,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+    settings = dict(dtype="bf16-pure", optimizer_in_backward=True, grad_checkpointing=True)
+    traced = memory_trace.traced_peak(config, 4, 512, **settings)
+    measured = memory_trace.measured_peak(config, 4, 512, CUDA, **settings)
+    estimate = memory.estimate(config, 4, 512, 4 * 256, loss_chunk=loss.LOSS_CHUNK, **settings)["total"]
+    assert 0.95 * traced <= measured <= 1.05 * traced + 64e6  # cuBLAS's workspace: tens of MB
+    assert measured <= 1.05 * estimate + 64e6
 
 
 def test_the_benchmark_runs_on_the_gpu(tmp_path, fresh_dynamo):
