@@ -91,6 +91,12 @@ LAYER_INPUT = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attentio
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down"}
 
 
+def weights_dtype(dtype: str, lora_rank: int) -> torch.dtype:
+    """The dtype a model is loaded in to train: fp32 (the master copy under bf16 autocast), bf16
+    for bf16-pure; with LoRA the frozen base in bf16 (fp32 under --dtype fp32)."""
+    return torch.bfloat16 if dtype == "bf16-pure" or (lora_rank and dtype != "fp32") else torch.float32
+
+
 def activation_dtypes(dtype: str, lora_rank: int) -> tuple[int, int]:
     """Bytes per element of the matmuls' results and of the residual stream: fp32 under autocast
     (fp32 weights), bf16 where the weights are bf16 (bf16-pure, and LoRA's frozen bf16 base)."""

@@ -230,7 +230,7 @@ def setup(cfg: TrainConfig) -> Run:
         f"{planned['targets']} with a loss): " + ", ".join(f"{k} {memory.readable(v)}" for k, v in planned["bytes"].items()))
 
     # model (LoRA resumes from the base: last/ holds merged weights, train_state.pt the adapters)
-    model = training_model(out / "last" if cfg.resume and not cfg.lora_rank else base_dir, cfg, device)
+    model = training_model(out / "last" if cfg.resume and not cfg.lora_rank else base_dir, cfg, device, cfg.compile)
 
     # optimizer, and where the run stands
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optimizer_in_backward, device)
@@ -261,33 +261,32 @@ def open_run(cfg: TrainConfig, out: Path, world: int) -> labelset.LabelSet | Non
     return labels
 
 
-def memory_plan(cfg: TrainConfig, base_dir: Path, train_set: list[data.Example], first_epoch: list,
+def memory_plan(flags: memory.MemoryFlags, base_dir: Path, train_set: list[data.Example], first_epoch: list,
                 device: torch.device) -> dict:
     """The memory estimate of the first epoch's largest micro-batch (every epoch holds the same
     examples, so the same largest one, give or take the grouping)."""
     return memory.plan(checkpoint.config_from_json(base_dir / "config.json"), [len(ex.ids) for ex in train_set],
                        [int(ex.is_target.sum()) for ex in train_set],
-                       [micro for step in first_epoch for micro in step], cfg, loss.LOSS_CHUNK, device.type)
+                       [micro for step in first_epoch for micro in step], flags, loss.LOSS_CHUNK, device.type)
 
 
-def training_model(path: Path, cfg: TrainConfig, device: torch.device) -> Llama:
-    """The model to train: fp32 weights (the master copy under bf16 autocast), or bf16 ones for
-    bf16-pure; with LoRA, frozen in bf16 (fp32 under --dtype fp32) with fp32 adapters."""
-    frozen_bf16 = cfg.lora_rank and cfg.dtype != "fp32"
-    dtype = torch.bfloat16 if cfg.dtype == "bf16-pure" or frozen_bf16 else torch.float32
+def training_model(path: Path, flags: memory.MemoryFlags, device: torch.device, compile: bool = False) -> Llama:
+    """The model to train, in memory.weights_dtype: with LoRA, fp32 adapters beside the frozen
+    weights; gradient checkpointing as flagged; compile: each block through torch.compile."""
+    dtype = memory.weights_dtype(flags.dtype, flags.lora_rank)
     model = checkpoint.load_model(path, dtype=dtype, device=device)
-    if cfg.lora_rank:
-        adapted = lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
+    if flags.lora_rank:
+        adapted = lora.add_adapters(model, flags.lora_rank, flags.lora_alpha, flags.lora_targets.split(","))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log(f"LoRA rank {cfg.lora_rank} on {len(adapted)} layers: {trainable / 1e6:.2f}M trainable parameters")
-    model.gradient_checkpointing = cfg.grad_checkpointing
+        log(f"LoRA rank {flags.lora_rank} on {len(adapted)} layers: {trainable / 1e6:.2f}M trainable parameters")
+    model.gradient_checkpointing = flags.grad_checkpointing
     model.train()
-    if cfg.compile:
+    if compile:
         for block in model.layers:  # in place: parameter names, and so checkpoints, stay as they are
             block.compile()
     log(f"{model.num_params() / 1e6:.1f}M parameters in {str(dtype).removeprefix('torch.')}"
-        + (" (bf16 autocast for the matmuls)" if cfg.dtype == "bf16" else "")
-        + (", each updated in the backward pass" if cfg.optimizer_in_backward else ""))
+        + (" (bf16 autocast for the matmuls)" if flags.dtype == "bf16" else "")
+        + (", each updated in the backward pass" if flags.optimizer_in_backward else ""))
     return model
 
 

@@ -235,7 +235,7 @@ def worker_main(spec: dict):
     cfg = train.TrainConfig(task="q2a", data="-", out="-", dtype=spec["dtype"], grad_checkpointing=spec["ckpt"],
                             compile=spec["compile"])
     if spec["side"] == "ours":  # as train.py loads it: fp32 masters, checkpointing, --compile's blocks
-        model = train.training_model(Path(spec["model_dir"]), cfg, torch.device(device))
+        model = train.training_model(Path(spec["model_dir"]), cfg, torch.device(device), cfg.compile)
     else:
         model = load("transformers", Path(spec["model_dir"]), torch.float32, device).train()  # fp32 masters
     peak = memory.memory_probe(torch.device(device))

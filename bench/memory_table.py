@@ -25,13 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules, one folder up from here
 
-import data  # noqa: E402
 import loss  # noqa: E402
 import memory  # noqa: E402
 import memory_trace  # noqa: E402
-import optim  # noqa: E402
-import train  # noqa: E402
-from model import Llama, LlamaConfig  # noqa: E402
+from model import LlamaConfig  # noqa: E402
 
 # The shapes of the public config.json files (rope scaling left out: it costs no memory).
 MODELS = {
@@ -78,27 +75,13 @@ WIDE = LlamaConfig(vocab_size=1000, hidden_size=2048, intermediate_size=8192, nu
                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
 
 
-def measure(config: LlamaConfig, dtype: str, batch: int, seq: int, steps: int = 2) -> dict:
-    """`steps` optimizer steps of a random model on the CPU, through train.py's own train_step and
-    optim.py's AdamW; the peak resident memory from before the model is built, beside the estimate."""
-    device = torch.device("cpu")
-    peak = memory.memory_probe(device)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if dtype == "bf16-pure" else torch.float32)  # as load_model builds it
-    try:
-        model = Llama(config).train()
-    finally:
-        torch.set_default_dtype(default)
-    optimizer = optim.build_optimizer(model, 1e-5, 0.0, False, device)
-    gen = torch.Generator().manual_seed(0)
-    examples = [data.Example(torch.randint(0, config.vocab_size, (seq,), generator=gen, dtype=torch.int32),
-                             torch.arange(seq) >= seq // 2) for _ in range(batch)]
-    micro = data.collate(examples, pad_id=0)
+def measure(config: LlamaConfig, dtype: str, batch: int, seq: int) -> dict:
+    """Two optimizer steps of a random model on the CPU (memory_trace.measured_peak: our loss and
+    AdamW, no tracer); the peak resident memory from before the model is built, beside the estimate."""
     start = time.perf_counter()
-    for _ in range(steps):
-        train.train_step(model, optimizer, [micro], 1e-5, dtype == "bf16", grad_clip=1.0)
-    estimate = memory.estimate(config, batch, seq, len(micro.targets), dtype, device="cpu")["total"]
-    return {"measured_bytes": peak(), "estimate_bytes": estimate, "seconds": time.perf_counter() - start}
+    measured = memory_trace.measured_peak(config, batch, seq, torch.device("cpu"), dtype=dtype)
+    estimate = memory.estimate(config, batch, seq, batch * (seq - seq // 2), dtype, device="cpu")["total"]
+    return {"measured_bytes": measured, "estimate_bytes": estimate, "seconds": time.perf_counter() - start}
 
 
 def measure_apart(*args) -> dict:

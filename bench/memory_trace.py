@@ -98,9 +98,8 @@ def run_steps(config: LlamaConfig, micro: data.Batch, device: torch.device, dtyp
               grad_checkpointing: bool = False, steps: int = 2):
     """`steps` training steps of a new random model on micro (memory.estimate's settings; the model
     built as train.training_model builds it). No gradient clipping: its norm would need real numbers."""
-    frozen_bf16 = lora_rank and dtype != "fp32"
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if dtype == "bf16-pure" or frozen_bf16 else torch.float32)
+    torch.set_default_dtype(memory.weights_dtype(dtype, lora_rank))
     try:
         with device:
             model = Llama(config).train()

@@ -183,16 +183,6 @@ def test_fake_tensors_trace_the_peak_of_real_ones(settings):
     assert abs(fake - real) <= 0.001 * real
 
 
-def test_the_untraced_step_runs_for_real():
-    """measured_peak, which the GPU check compares with the trace, runs the same steps with no tracer."""
-    import memory_trace
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    peak = memory_trace.measured_peak(config, 2, 40, torch.device("cpu"), dtype="bf16-pure", optimizer_in_backward=True,
-                                      grad_checkpointing=True)
-    assert peak >= 0  # resident memory on a CPU, which may reuse what the process freed before
-
-
 def test_a_tied_embedding_s_two_gradients_meet_in_place(monkeypatch):
     """The tracer's one correction: outside a dispatch mode, autograd adds the lookup's gradient
     into the head's (loss.ChunkedHeadLoss's) in place; no third vocabulary x d tensor forms."""
@@ -209,3 +199,22 @@ def test_a_tied_embedding_s_two_gradients_meet_in_place(monkeypatch):
     monkeypatch.setattr(loss.ChunkedHeadLoss, "backward", staticmethod(keep_pointer))
     loss.loss_sum(model, batch, autocast=False).backward()
     assert model.embed_tokens.weight.grad.data_ptr() == head_gradient["pointer"]
+
+
+def test_the_benchmark_measures_a_training_step_beside_its_estimate():
+    """memory_table.measure runs memory_trace.measured_peak (the steps the GPU check compares with
+    their trace) and sets the estimate of the same micro-batch beside it."""
+    import memory_table
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    result = memory_table.measure(config, "bf16-pure", batch=2, seq=16)
+    assert result["measured_bytes"] >= 0 and result["seconds"] > 0
+    targets = 2 * 8  # each example's second half is its reply
+    assert result["estimate_bytes"] == memory.estimate(config, 2, 16, targets, "bf16-pure", device="cpu")["total"]
+
+
+def test_the_probe_sees_a_tensor_it_did_not_hold_before():
+    peak = memory.memory_probe(torch.device("cpu"))
+    held = torch.ones(64 * 2 ** 20, dtype=torch.uint8)  # 64 MiB, touched
+    assert 60 * 2 ** 20 < peak() < 200 * 2 ** 20
+    del held
