@@ -201,7 +201,7 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     if grad_checkpointing:
         kept = layers * tokens * residual * d                # each block's input
         activations = kept + block + block_gradients
-        block_copies = 0 if lora_rank else weight_copies * layers * block_matrices // matrices
+        block_copies = 2 * block_matrices if dtype == "bf16" and not lora_rank else 0
         forward = kept + logits + weight_copies
         backward = activations + block_copies + in_backward
     else:
