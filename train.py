@@ -5,7 +5,8 @@
 
 Read top to bottom, as nanoGPT's train.py: config, seed and device, data (rows -> token ids
 and target masks -> length-grouped batches), model, optimizer, schedule, and the loop with
-validation and checkpoints. The loss it minimises, on the reply tokens only, is loss.py's. A run writes to --out:
+validation and checkpoints; the loss it minimises, on the reply tokens only, is loss.py's.
+A run writes to --out:
 
     train_config.json   the full config, what the data turned out to be, the memory estimate
     metrics.jsonl       one line per optimizer step: loss, lr, grad norm, val_loss when evaluated,
