@@ -98,11 +98,11 @@ def weights_dtype(dtype: str, lora_rank: int) -> torch.dtype:
 
 
 def activation_dtypes(dtype: str, lora_rank: int) -> tuple[int, int]:
-    """Bytes per element of the matmuls' results and of the residual stream: fp32 under autocast
-    (fp32 weights), bf16 where the weights are bf16 (bf16-pure, and LoRA's frozen bf16 base)."""
+    """Bytes per element of the matmuls' results (bf16 but in fp32 runs) and of the residual
+    stream, which is in the weights' dtype: fp32 under autocast, bf16 where the weights are bf16
+    (bf16-pure, and LoRA's frozen bf16 base)."""
     compute = 4 if dtype == "fp32" else 2
-    residual = 4 if dtype == "fp32" or (dtype == "bf16" and not lora_rank) else 2
-    return compute, residual
+    return compute, weights_dtype(dtype, lora_rank).itemsize
 
 
 def block_activation_bytes(c: LlamaConfig, dtype: str, lora_rank: int = 0, lora_targets=lora.TARGETS) -> int:
