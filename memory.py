@@ -242,7 +242,9 @@ def memory_probe(device: torch.device):
     try:  # Linux: writing 5 resets the high-water mark VmHWM to the current RSS
         Path("/proc/self/clear_refs").write_text("5")
         base = proc_status("VmRSS")
-        return lambda: proc_status("VmHWM") - base
+        # The kernel counts RSS in per-CPU batches, so a step that added nothing can read a few
+        # pages below where it began: no peak is below nothing.
+        return lambda: max(0, proc_status("VmHWM") - base)
     except OSError:  # elsewhere: the lifetime peak, which may be an earlier one's
         scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux kilobytes
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
