@@ -48,7 +48,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.sizes = weakref.WeakKeyDictionary()  # storage -> bytes
+        self.seen = weakref.WeakSet()  # the storages counted (each once, however many views)
         self.now = self.peak = 0
         self.engine_add = None  # (live bytes before it, its two inputs' storages): settled at the next operation
 
@@ -67,8 +67,8 @@ class LiveBytes(TorchDispatchMode):
         return out
 
     def track(self, storage):
-        if storage not in self.sizes:
-            self.sizes[storage] = storage.nbytes()
+        if storage not in self.seen:
+            self.seen.add(storage)
             self.now += storage.nbytes()
             weakref.finalize(storage, self.free, storage.nbytes())
 
