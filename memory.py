@@ -11,7 +11,9 @@ The estimate follows what this code keeps alive, per token of the micro-batch:
 - weights: 4 bytes per parameter (fp32, and bf16's fp32 masters) or 2 (bf16-pure); under LoRA the
   frozen base in the run's dtype plus fp32 adapters;
 - gradients: the trainable parameters' dtype; with the optimizer in the backward pass only the
-  largest single gradient (the embedding's, which fills over the whole backward pass);
+  largest single gradient (the embedding's, which fills over the whole backward pass). They grow
+  through the backward pass and are freed after the optimizer step, so the next forward pass
+  holds none, unless the step accumulates them over several micro-batches;
 - optimizer state: two AdamW moments per trainable parameter (fp32, or bf16 in bf16-pure), and
   bf16-pure's fp32 temporaries for one slice of a parameter while it is updated;
 - activations: what autograd saves in one block (block_activation_bytes: the RMSNorms' fp32
@@ -22,12 +24,13 @@ The estimate follows what this code keeps alive, per token of the micro-batch:
 - logits: the positions with a loss times the vocabulary, as logits, their fp32 copy, the saved
   log-softmax and its gradient; with gradient checkpointing only a chunk of positions at a time,
   as logits and their fp32 copy, which becomes their gradient in place (loss.ChunkedHeadLoss);
-- weight copies: under autocast (--dtype bf16), the bf16 copy of every trained matrix;
+- weight copies: under autocast (--dtype bf16), the bf16 copy of every trained matrix, each
+  alive until its block's backward pass (with checkpointing, until the blocks' forward pass ends);
 - the embedding's gradient as the backward pass forms it, before adding it to the parameter's
   (on a CPU torch forms it in fp32 first).
 The total is the largest of the phases in which these live together (estimate's docstring).
 bench/memory_trace.py checks it against the tensors a real step holds, traced one by one at the
-real models' shapes: on the README's table it lies between 1 % below and 23 % above them.
+real models' shapes: on the README's table it lies between 2 % below and 4 % above them.
 Not counted: the framework itself (the CUDA context, the allocator's slack, Python) and the
 kernels' own workspaces.
 """
@@ -166,68 +169,93 @@ def held_bytes(c: LlamaConfig, dtype: str, optimizer_in_backward: bool, lora_ran
             "optimizer_temporaries": 28 * min(optim.CHUNK, largest) if trainable_bytes == 2 else 0}
 
 
+def pass_bytes(c: LlamaConfig, tokens: int, targets: int, dtype: str, lora_rank: int, lora_targets,
+               loss_chunk: int) -> dict[str, int]:
+    """What a micro-batch of `tokens` tokens, `targets` of them with a loss, makes on its way through
+    the model: one block's activations and their gradients, the logits (with loss_chunk > 0, only
+    that many positions' at once), and autocast's bf16 copy of one block's trained matrices and of
+    the output head."""
+    compute, residual = activation_dtypes(dtype, lora_rank)
+    rows = min(loss_chunk, targets) if loss_chunk else targets
+    chunked = rows < targets  # loss.ChunkedHeadLoss
+    trained_per_block = trainable_count(c, lora_rank, lora_targets) // c.num_hidden_layers if lora_rank else \
+        sum(i * o for i, o in linear_shapes(c).values())
+    return {
+        "block": tokens * block_activation_bytes(c, dtype, lora_rank, lora_targets),
+        # The gradients of one block's activations, at most at once: in the MLP's backward pass those
+        # of the SwiGLU product, of silu(gate) and of up (three wide, one of which replaces the
+        # product's saved input), and of the residual stream (the block's output, its input, and one
+        # in between).
+        "block_gradients": tokens * (2 * compute * c.intermediate_size + 3 * residual * c.hidden_size),
+        # The logits in the matmul's dtype and in fp32; unchunked also the saved log-softmax and its gradient.
+        "logits": rows * c.vocab_size * ((compute if compute != 4 else 0) + (4 if chunked else 12)),
+        # Autocast's copies: autograd saves a block's until that block's backward pass; with
+        # checkpointing autocast's cache holds them until the blocks' forward pass ends, and a
+        # recomputed block makes its own again. The head's lives from its forward to its backward.
+        "block_copies": 2 * trained_per_block if dtype == "bf16" else 0,
+        "head_copy": 2 * c.vocab_size * c.hidden_size if dtype == "bf16" and not lora_rank else 0}
+
+
 def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, optimizer_in_backward: bool = False,
              lora_rank: int = 0, lora_targets=lora.TARGETS, grad_checkpointing: bool = False,
-             loss_chunk: int = 0, device: str = "cuda") -> dict[str, int]:
+             loss_chunk: int = 0, accumulating: bool = False, device: str = "cuda") -> dict[str, int]:
     """Bytes of each part of a training step's peak for a micro-batch of batch x seq tokens of which
     `targets` carry a loss. dtype: bf16 (fp32 masters, autocast), bf16-pure or fp32. loss_chunk:
-    with gradient checkpointing, how many positions' logits exist at once (0: all).
+    with gradient checkpointing, how many positions' logits exist at once (0: all). accumulating:
+    the step sums gradients over several micro-batches, so they live through every pass.
 
-    `total` is the largest of what lives together in each phase of the step, on top of the weights,
-    gradients and optimizer state: the end of the forward pass (the blocks' activations, the
-    logits, autocast's weight copies), a block's backward pass (with checkpointing, the kept block
-    inputs and one block recomputed; with the optimizer in the backward pass, its temporaries
-    too), the embedding's gradient as it forms, and the optimizer step after the backward pass."""
+    `total` is the weights and optimizer state plus the largest of what lives together in each
+    phase of the step: the forward pass, the backward pass of the first block it reaches (beside
+    the head's gradient) and of the last (beside every block's gradient), the embedding's gradient
+    as it forms, and the optimizer step. Gradients grow through the backward pass and, without
+    accumulation, are freed after the step: none exist in the next forward pass."""
     held = held_bytes(c, dtype, optimizer_in_backward, lora_rank, lora_targets)
-    compute, residual = activation_dtypes(dtype, lora_rank)
-    tokens, layers, d = batch * seq, c.num_hidden_layers, c.hidden_size
-    block = tokens * block_activation_bytes(c, dtype, lora_rank, lora_targets)
-    # The gradients of one block's activations, at most at once: in the MLP's backward pass those of
-    # the SwiGLU product, of silu(gate) and of up (three wide, one of which replaces the product's
-    # saved input), and of the residual stream (the block's output, its input, and one in between).
-    block_gradients = tokens * (2 * compute * c.intermediate_size + 3 * residual * d)
-    chunked = grad_checkpointing and 0 < loss_chunk < targets  # loss.ChunkedHeadLoss
-    rows = loss_chunk if chunked else targets
-    # The logits in the matmul's dtype and in fp32; unchunked also the saved log-softmax and its gradient.
-    logits = rows * c.vocab_size * ((compute if compute != 4 else 0) + (4 if chunked else 12))
-    # Autocast's bf16 copy of every trained matrix (the output head's included), which autograd saves
-    # (and, with checkpointing, autocast's cache holds until the forward pass ends; a recomputed
-    # block makes its own again).
-    block_matrices = sum(i * o for i, o in linear_shapes(c).values())
-    matrices = trainable_count(c, lora_rank, lora_targets) if lora_rank else \
-        layers * block_matrices + c.vocab_size * d
-    weight_copies = 2 * matrices if dtype == "bf16" else 0
+    tokens, layers, residual = batch * seq, c.num_hidden_layers, activation_dtypes(dtype, lora_rank)[1]
+    chunked = grad_checkpointing and 0 < loss_chunk < targets
+    p = pass_bytes(c, tokens, targets, dtype, lora_rank, lora_targets, loss_chunk if chunked else 0)
+    # The head's gradient (chunked: formed in the forward pass) comes first in the backward pass; tied,
+    # it waits there for the embedding's, and is then their sum: the parameter's gradient, unless the
+    # step's earlier micro-batches left one (carried), to which it is added at the very end.
+    head_gradient = 0 if lora_rank else c.vocab_size * c.hidden_size * trained_dtype_bytes(dtype, lora_rank)
+    carried = held["gradients"] if accumulating else 0
+    waiting = head_gradient if accumulating and c.tie_word_embeddings else 0
     in_backward = held["optimizer_temporaries"] if optimizer_in_backward else 0
     if grad_checkpointing:
-        kept = layers * tokens * residual * d                # each block's input
-        activations = kept + block + block_gradients
-        block_copies = 2 * block_matrices if dtype == "bf16" and not lora_rank else 0
-        forward = kept + logits + weight_copies
-        backward = activations + block_copies + in_backward
+        kept = layers * tokens * residual * c.hidden_size  # each block's input
+        activations = kept + p["block"] + p["block_gradients"]
+        recomputed = p["block"] + p["block_copies"] + p["block_gradients"] + in_backward
+        forward = carried + kept + max(layers * p["block_copies"],
+                                       p["head_copy"] + p["logits"] + (head_gradient if chunked else 0))
+        first_block = carried + head_gradient + kept + recomputed
+        last_block = held["gradients"] + waiting + tokens * residual * c.hidden_size + recomputed
     else:
-        activations = layers * block + block_gradients
-        forward = backward = activations + logits + weight_copies + in_backward
+        activations = layers * p["block"] + p["block_gradients"]
+        saved = layers * (p["block"] + p["block_copies"])
+        forward = carried + saved + p["head_copy"] + p["logits"]  # until the logits' gradient is formed
+        first_block = carried + head_gradient + saved + p["block_gradients"] + in_backward
+        last_block = held["gradients"] + waiting + p["block"] + p["block_copies"] + p["block_gradients"] + in_backward
     # The embedding's gradient is formed whole (and then added to the tied head's): on a CPU in fp32 first.
     embedding_gradient = 0 if lora_rank else \
-        c.vocab_size * d * (trained_dtype_bytes(dtype, lora_rank) + (4 if device == "cpu" else 0))
-    parts = {**held, "activations": activations, "logits": logits, "weight_copies": weight_copies,
-             "embedding_gradient": embedding_gradient}
-    state = held["weights"] + held["gradients"] + held["optimizer"]
-    return {**parts, "total": state + max(forward, backward, embedding_gradient, held["optimizer_temporaries"])}
+        c.vocab_size * c.hidden_size * (trained_dtype_bytes(dtype, lora_rank) + (4 if device == "cpu" else 0))
+    after_backward = held["gradients"] + max(waiting + embedding_gradient, held["optimizer_temporaries"])
+    return {**held, "activations": activations, "logits": p["logits"],
+            "weight_copies": layers * p["block_copies"] + p["head_copy"], "embedding_gradient": embedding_gradient,
+            "total": held["weights"] + held["optimizer"] + max(forward, first_block, last_block, after_backward)}
 
 
 def plan(c: LlamaConfig, lengths: list[int], targets: list[int], micro_batches: list[list[int]],
-         flags: MemoryFlags, loss_chunk: int = 0, device: str = "cuda") -> dict:
+         flags: MemoryFlags, loss_chunk: int = 0, accumulating: bool = False, device: str = "cuda") -> dict:
     """estimate() under a run's flags for the micro-batch (a list of example indices, into the
     examples' token `lengths` and `targets` with a loss) that needs the most: its batch, seq,
-    targets and bytes."""
+    targets and bytes. accumulating: a process runs several micro-batches per optimizer step."""
     plans = []
     for ids in micro_batches:
         shape = {"batch": len(ids), "seq": max(lengths[i] for i in ids), "targets": sum(targets[i] for i in ids)}
         plans.append({**shape, "bytes": estimate(
             c, **shape, dtype=flags.dtype, optimizer_in_backward=flags.optimizer_in_backward,
             lora_rank=flags.lora_rank, lora_targets=flags.lora_targets.split(","),
-            grad_checkpointing=flags.grad_checkpointing, loss_chunk=loss_chunk, device=device)})
+            grad_checkpointing=flags.grad_checkpointing, loss_chunk=loss_chunk, accumulating=accumulating,
+            device=device)})
     return max(plans, key=lambda p: p["bytes"]["total"])
 
 

@@ -217,7 +217,7 @@ def setup(cfg: TrainConfig) -> Run:
     val_order = sorted(val_set, key=lambda ex: len(ex.ids))  # sorted: least padding
     val_batches = [data.collate(val_order[s:s + cfg.batch_size], tokenizer.pad_id).to(device)
                    for s in range(0, len(val_order), cfg.batch_size)][rank::world]  # this rank's share
-    planned = memory_plan(cfg, base_dir, train_set, first_epoch, device)
+    planned = memory_plan(cfg, base_dir, train_set, first_epoch, cfg.grad_accum > world, device)
     if rank == 0:
         write_json(out / "train_config.json", {
             "config": asdict(cfg), "prompt_version": data.PROMPT_VERSION, "train_examples": len(train_set),
@@ -263,12 +263,14 @@ def open_run(cfg: TrainConfig, out: Path, world: int) -> labelset.LabelSet | Non
 
 
 def memory_plan(flags: memory.MemoryFlags, base_dir: Path, train_set: list[data.Example], first_epoch: list,
-                device: torch.device) -> dict:
+                accumulating: bool, device: torch.device) -> dict:
     """The memory estimate of the first epoch's largest micro-batch (every epoch holds the same
-    examples, so the same largest one, give or take the grouping)."""
+    examples, so the same largest one, give or take the grouping); accumulating: a rank runs
+    several micro-batches per step, and so holds gradients through their forward passes."""
     return memory.plan(checkpoint.config_from_json(base_dir / "config.json"), [len(ex.ids) for ex in train_set],
                        [int(ex.is_target.sum()) for ex in train_set],
-                       [micro for step in first_epoch for micro in step], flags, loss.LOSS_CHUNK, device.type)
+                       [micro for step in first_epoch for micro in step], flags, loss.LOSS_CHUNK, accumulating,
+                       device.type)
 
 
 def training_model(path: Path, flags: memory.MemoryFlags, device: torch.device, compile: bool = False) -> Llama:

@@ -95,9 +95,10 @@ def random_micro_batch(config: LlamaConfig, batch: int, seq: int) -> data.Batch:
 
 def run_steps(config: LlamaConfig, micro: data.Batch, device: torch.device, dtype: str = "bf16",
               optimizer_in_backward: bool = False, lora_rank: int = 0, lora_targets=lora.TARGETS,
-              grad_checkpointing: bool = False, steps: int = 2):
-    """`steps` training steps of a new random model on micro (memory.estimate's settings; the model
-    built as train.training_model builds it). No gradient clipping: its norm would need real numbers."""
+              grad_checkpointing: bool = False, accumulate: int = 1, steps: int = 2):
+    """`steps` training steps of a new random model, each summing the gradients of `accumulate`
+    passes over micro (memory.estimate's settings; the model built as train.training_model builds
+    it). No gradient clipping: its norm would need real numbers."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(memory.weights_dtype(dtype, lora_rank))
     try:
@@ -111,7 +112,8 @@ def run_steps(config: LlamaConfig, micro: data.Batch, device: torch.device, dtyp
     optimizer = optim.build_optimizer(model, 1e-5, 0.01, optimizer_in_backward, device)
     micro = micro.to(device)
     for _ in range(steps):
-        (loss.loss_sum(model, micro, autocast=dtype == "bf16") / len(micro.targets)).backward()
+        for _ in range(accumulate):
+            (loss.loss_sum(model, micro, autocast=dtype == "bf16") / (accumulate * len(micro.targets))).backward()
         if not optimizer_in_backward:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

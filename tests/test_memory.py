@@ -39,12 +39,25 @@ def test_parameter_count_of_llama_3_2_1b():
 def test_weights_gradients_and_adamw_state_per_parameter(settings, bytes_per_parameter):
     parts = memory.estimate(LLAMA_1B, 1, 1, 1, **settings)
     assert parts["weights"] + parts["gradients"] + parts["optimizer"] == bytes_per_parameter * P_1B
+    # A one-token micro-batch peaks after the backward pass: every gradient, and the embedding's as it
+    # forms (or bf16-pure's optimizer temporaries, if larger)
     held = parts["weights"] + parts["gradients"] + parts["optimizer"]
-    at_peak = parts["activations"] + parts["logits"] + parts["weight_copies"]  # no checkpointing: all at once
-    assert parts["total"] == held + max(at_peak, parts["embedding_gradient"], parts["optimizer_temporaries"])
+    assert parts["total"] == held + max(parts["embedding_gradient"], parts["optimizer_temporaries"])
     assert (parts["weight_copies"] > 0) == (settings["dtype"] == "bf16")  # autocast's bf16 copies
     # bf16-pure's AdamW updates one slice of optim.CHUNK elements at a time, 28 bytes of fp32 temporaries each
     assert parts["optimizer_temporaries"] == (28 * optim.CHUNK if settings["dtype"] == "bf16-pure" else 0)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "bf16-pure"])
+def test_gradients_live_through_the_forward_pass_only_when_they_accumulate(dtype):
+    """Without checkpointing a long micro-batch peaks as its backward pass begins (every block's
+    activations, the logits and their gradient): no gradient exists yet, as the last step freed
+    them, unless the step accumulates them over micro-batches."""
+    one = memory.estimate(LLAMA_1B, 8, 512, 2048, dtype)
+    accumulating = memory.estimate(LLAMA_1B, 8, 512, 2048, dtype, accumulating=True)
+    saved = one["activations"] + one["logits"] + one["weight_copies"]
+    assert one["total"] <= one["weights"] + one["optimizer"] + saved  # no gradient at the peak
+    assert accumulating["total"] - one["total"] == one["gradients"]
 
 
 def test_the_optimizer_in_backward_keeps_only_the_largest_gradient():
@@ -140,18 +153,21 @@ def test_the_readme_table_meets_the_targets():
     assert with_checkpointing[("Llama-3.1-8B", "LoRA r16, bf16 base")] <= 22.0
 
 
-@pytest.mark.parametrize("mode, checkpointing", [("bf16-pure + optimizer in backward", True),
-                                                 ("LoRA r16, bf16 base", True), ("bf16, fp32 master", False)])
-def test_the_estimate_is_near_the_peak_traced_at_the_real_1b_shapes(mode, checkpointing):
-    """A training step of the real Llama-3.2-1B shapes at 8 x 512, traced on fake tensors (seconds,
-    no memory): the estimate lies between 2 % below and 25 % above the tensors it holds at its peak
-    (the README states the range over its whole table)."""
+@pytest.mark.parametrize("mode, checkpointing, accumulate", [
+    ("bf16-pure + optimizer in backward", True, 1), ("LoRA r16, bf16 base", True, 1), ("bf16, fp32 master", False, 1),
+    ("bf16-pure", True, 2), ("bf16, fp32 master", False, 2)])
+def test_the_estimate_is_near_the_peak_traced_at_the_real_1b_shapes(mode, checkpointing, accumulate):
+    """A training step of the real Llama-3.2-1B shapes at 8 x 512 (of one micro-batch, or summing the
+    gradients of two), traced on fake tensors (seconds, no memory): the estimate lies between 3 %
+    below and 5 % above the tensors it holds at its peak (the README states the range over its table)."""
     import memory_table
     import memory_trace
     settings = memory_table.MODES[mode]
-    traced = memory_trace.traced_peak(LLAMA_1B, 8, 512, grad_checkpointing=checkpointing, **settings)
-    estimate = memory_table.estimates()[("Llama-3.2-1B", mode)][checkpointing]
-    assert 0.98 * traced <= estimate <= 1.25 * traced
+    traced = memory_trace.traced_peak(LLAMA_1B, 8, 512, grad_checkpointing=checkpointing, accumulate=accumulate,
+                                      **settings)
+    estimate = memory.estimate(LLAMA_1B, 8, 512, 2048, grad_checkpointing=checkpointing, loss_chunk=loss.LOSS_CHUNK,
+                               accumulating=accumulate > 1, **settings)["total"]
+    assert 0.97 * traced <= estimate <= 1.05 * traced
     if mode == "bf16-pure + optimizer in backward":
         assert traced <= 9e9  # issue 16's target, met by what the step holds, not only by the estimate
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 import data
 import labelset
 import loss
+import memory
 import runs
 import readers
 from files import write_json
@@ -374,6 +375,24 @@ def test_resume_continues_exactly(assets, tmp_path, uninterrupted, stop_at):
     assert len(metrics(tmp_path)) == stop_at
     train.train(replace(cfg, resume=True))
     assert_same_run(tmp_path, uninterrupted, extra_eval_at=stop_at)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_run_records_its_memory_estimate_and_peak(assets, tmp_path, grad_accum):
+    """train_config.json holds the estimate of the run's largest micro-batch (memory.plan; with
+    gradient accumulation the gradients live through the later micro-batches' forward passes, so
+    the estimate differs), and every metrics row the peak measured since setup began."""
+    cfg = run_config(assets, tmp_path, max_steps=2, grad_accum=grad_accum, batch_size=8)
+    train.train(cfg)
+    recorded = json.loads((tmp_path / "train_config.json").read_text())["memory_estimate"]
+    config = checkpoint.config_from_json(assets.model["llama3"] / "config.json")
+    shape = {k: recorded[k] for k in ("batch", "seq", "targets")}
+    assert shape["batch"] == 8
+    estimate = {accumulating: memory.estimate(config, **shape, dtype="fp32", accumulating=accumulating, device="cpu")
+                for accumulating in (False, True)}
+    assert recorded["bytes"] == estimate[grad_accum > 1] != estimate[grad_accum == 1]
+    peaks = [row["peak_memory_bytes"] for row in metrics(cfg.out)]
+    assert len(peaks) == 2 and all(isinstance(p, int) and p >= 0 for p in peaks)
 
 
 @pytest.mark.parametrize("memory_saving", [dict(dtype="bf16-pure"),
