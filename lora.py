@@ -45,7 +45,11 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, x):
-        update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
+        # The adapters compute in fp32, or under autocast in its dtype: x is then read as it is (an
+        # fp32 copy of it would only be cast back, and saved for the backward pass per adapter).
+        device = x.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lora_A.dtype
+        update = F.linear(F.linear(x.to(compute), self.lora_A), self.lora_B) * self.scale
         return F.linear(x, self.weight) + update.to(x.dtype)
 
     def merged_weight(self) -> torch.Tensor:

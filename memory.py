@@ -30,7 +30,7 @@ The estimate follows what this code keeps alive, per token of the micro-batch:
   (on a CPU torch forms it in fp32 first).
 The total is the largest of the phases in which these live together (estimate's docstring).
 bench/memory_trace.py checks it against the tensors a real step holds, traced one by one at the
-real models' shapes: on the README's table it lies between 2 % below and 4 % above them.
+real models' shapes: on the README's table it lies between 0.2 % below and 4.3 % above them.
 Not counted: the framework itself (the CUDA context, the allocator's slack, Python) and the
 kernels' own workspaces.
 """
@@ -125,15 +125,16 @@ def block_activation_bytes(c: LlamaConfig, dtype: str, lora_rank: int = 0, lora_
         # k and v, and the MLP's for gate and up; down's (the SwiGLU product) is in compute dtype already
         inputs = (5 * compute * d if autocast else 2 * residual * d) + compute * f
         return norms + inputs + attention + swiglu
-    # Under LoRA the frozen layers save nothing for weight gradients; each adapter saves its input
-    # (an fp32 copy of its own; under autocast, a bf16 one) and A x; in fp32 no copy is made, so
-    # adapters reading the same tensor share it, and o_proj's is attention's output, counted above.
+    # Under LoRA the frozen layers save nothing for weight gradients; each adapter saves its input and
+    # A x. In bf16-pure the input is an fp32 copy of its own; in fp32 and under autocast the adapter
+    # reads it as it is, so adapters reading the same tensor share it, and o_proj's is attention's
+    # output, counted above.
     shapes = linear_shapes(c)
-    if dtype == "fp32":
-        widths = {LAYER_INPUT[t]: shapes[t][0] for t in lora_targets if t != "o_proj"}  # one per shared input
-        inputs = 4 * sum(widths.values())
+    if dtype == "bf16-pure":
+        inputs = sum(4 * shapes[t][0] for t in lora_targets)
     else:
-        inputs = sum((2 if dtype == "bf16" else 4) * shapes[t][0] for t in lora_targets)
+        widths = {LAYER_INPUT[t]: shapes[t][0] for t in lora_targets if t != "o_proj"}  # one per shared input
+        inputs = compute * sum(widths.values())
     products = len(lora_targets) * (2 if dtype == "bf16" else 4) * lora_rank
     return norms + inputs + products + attention + swiglu
 
