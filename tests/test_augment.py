@@ -14,7 +14,8 @@ import pytest
 
 from augment import JsonlAppender, check_meta, done_ids, merge_parts
 from generate import SamplingConfig
-from test_generate import ONE_THREAD, WORDS, model_dir, run_script  # noqa: F401 (model_dir is a fixture)
+from test_generate import ONE_THREAD, run_script
+from tiny import WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
 

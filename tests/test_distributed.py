@@ -20,8 +20,7 @@ import torch
 import checkpoint
 import train
 from test_augment import emotion_file, read_rows
-from test_generate import model_dir  # noqa: F401 (a fixture)
-from test_train import assets, cli_args, metrics, run_config, wait_for  # noqa: F401 (assets: a fixture)
+from test_train import cli_args, metrics, run_config, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

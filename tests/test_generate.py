@@ -12,7 +12,7 @@ import torch
 import checkpoint
 from generate import SamplingConfig, generate_ids, sample
 from model import Llama
-from tokenizer import Tokenizer, build_tokenizer
+from tokenizer import Tokenizer
 from tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,25 +219,6 @@ def test_compile_without_a_cpu_compiler_is_one_clear_error(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- command line (real subprocesses)
-
-WORDS = ["happy", "sad", "angry", "afraid", "surprised", "loved", "today", "because", "my", "friend",
-         "the", "rain", "work", "music", "house", "again", "really", "so", "very", "little"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random model folder with a byte-level BPE tokenizer in the llama3 chat format,
-    wide enough that a decode step takes a few ms (the kill below must land mid-run)."""
-    root = tmp_path_factory.mktemp("cli")
-    texts = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) for i in range(200)]
-    tokenizer = Tokenizer(build_tokenizer(texts, root / "tok", chat_format="llama3",
-                                                             vocab_size=300))
-    model = tiny_model(vocab=tokenizer.vocab_size, std=0.1, hidden_size=384, intermediate_size=1024,
-                       num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, head_dim=64,
-                       bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
-    checkpoint.save_model(model, root / "model", tokenizer.serving_files())
-    return root / "model"
-
 
 def run_script(script: str, *args, check=True) -> subprocess.CompletedProcess:
     """One of our scripts in a subprocess (one thread); its failure shows its stderr."""

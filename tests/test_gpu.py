@@ -21,7 +21,7 @@ import optim
 import train
 from test_generate import GREEDY, generate_ids, prompts_of, tiny_model
 from test_optim import batches
-from test_train import assets, metrics, run_config, trajectory  # noqa: F401 (assets: a fixture)
+from test_train import metrics, run_config, trajectory
 from model import LlamaConfig
 from tiny import tiny_llama
 

@@ -15,7 +15,6 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,59 +29,12 @@ import readers
 from files import write_json
 import train
 import checkpoint
-from tokenizer import Tokenizer, build_tokenizer
-from tiny import tiny_llama
+from tokenizer import Tokenizer
+from tiny import EMOTION_WORDS, tiny_llama, write_jsonl
 from train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
-WORDS = {"sadness": "sad lonely tears gloomy", "joy": "happy glad smile cheerful", "love": "love dear adore tender",
-         "anger": "angry mad rage furious", "fear": "afraid scared panic nervous",
-         "surprise": "shocked amazed wow sudden"}
-
-
-def emotion_row(rng: random.Random, i: int) -> dict:
-    label = rng.choice(data.LABELS)
-    text = "i feel " + " ".join(rng.choice(WORDS[label].split()) for _ in range(rng.randint(1, 10)))
-    reasoning = " ".join(f"The word {w} suggests {label}." for w in text.split()[2:][:rng.randint(1, 4)])
-    return {"id": i, "text": text, "label": label, "reasoning": reasoning}
-
-
-def write_jsonl(path: Path, rows, keys):
-    path.write_text("".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Tiny emotion data (a folder with train/validation splits), a stage-2 jsonl, reasoning-gen rows,
-    and a tiny model + tokenizer per chat format (llama3 with tied embeddings, chatml untied)."""
-    root = tmp_path_factory.mktemp("assets")
-    rng = random.Random(0)
-    rows = [emotion_row(rng, i) for i in range(80)]
-    emotion = root / "emotion"
-    emotion.mkdir()
-    write_jsonl(emotion / "train.jsonl", rows[:48], ("text", "label"))
-    write_jsonl(emotion / "validation.jsonl", rows[48:60], ("text", "label"))
-    augmented = write_jsonl(root / "augmented.jsonl", rows[:48], ("id", "text", "label", "reasoning"))
-    rgen_rows = [{"id": i, "question": f"What is {i} plus {i}?", "answer": str(2 * i),
-                  "reasoning": f"Adding {i} to itself doubles it. " * (1 + i % 3)} for i in range(12)]
-    rgen = root / "rgen"
-    rgen.mkdir()
-    write_jsonl(rgen / "train.jsonl", rgen_rows, ("question", "answer", "reasoning"))
-
-    texts = [r["text"] + " " + r["reasoning"] for r in rows] + [r["question"] + r["reasoning"] for r in rgen_rows]
-    texts += [data.CLASSIFY_PROMPT, data.RGEN_PROMPT, "system user assistant Emotion: " + " ".join(data.LABELS)]
-    models = {}
-    for chat_format, tied in (("llama3", True), ("chatml", False)):
-        tokenizer_dir = build_tokenizer(texts, root / f"tok-{chat_format}", chat_format=chat_format,
-                                             vocab_size=400)
-        tokenizer = Tokenizer(tokenizer_dir)
-        model = tiny_llama(tokenizer.vocab_size, tokenizer=tokenizer, tie_word_embeddings=tied)
-        models[chat_format] = checkpoint.save_model(model, root / f"model-{chat_format}",
-                                                    Tokenizer(tokenizer_dir).serving_files())
-    return SimpleNamespace(root=root, emotion=emotion, augmented=augmented, rgen=rgen, rows=rows,
-                           rgen_rows=rgen_rows, model=models)
 
 
 def run_config(assets, out, **kw) -> TrainConfig:
@@ -592,7 +544,7 @@ def test_the_longest_q2ra_target_parses_within_the_default_budget(assets, tmp_pa
     from metrics import parse_label
     tokenizer = Tokenizer(assets.model["llama3"])
     cap = data.DEFAULT_REASONING_TOKENS
-    long_text = " ".join(f"The word {w} suggests {label}." for label, words in WORDS.items() for w in words.split())
+    long_text = " ".join(f"The word {w} suggests {label}." for label, words in EMOTION_WORDS.items() for w in words.split())
     rows = [dict(row) for row in assets.rows[:8]]
     rows[3]["reasoning"] = tokenizer.decode(tokenizer.encode(long_text * 4)[:cap])  # as stage 2 writes a capped one
     augmented = write_jsonl(tmp_path / "train.jsonl", rows, ("id", "text", "label", "reasoning"))
