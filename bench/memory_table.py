@@ -3,12 +3,14 @@ measurement of the real Llama-3.2-1B shapes on this machine beside its estimate.
 
     python bench/memory_table.py              # the README's table: estimates for 1B, 3B and 8B at batch 8 x 512
     python bench/memory_table.py --trace      # each beside the peak of a real step traced on fake tensors
+    python bench/memory_table.py --trace --grad-accum 2   # steps that sum two micro-batches' gradients
     python bench/memory_table.py --measure    # + peak RSS beside the estimate on this CPU (random weights,
                                         #   two steps): the 1B shapes in bf16-pure at batch 1 x 128, and
                                         #   two 1B-wide blocks at 1 x 1,024 in fp32, bf16 and bf16-pure
 
 The table's micro-batch: 8 examples of 512 tokens whose second halves are replies (2,048
-positions with a loss, as a q2ra example's reasoning and label). LoRA: rank 16 on every linear
+positions with a loss, as a q2ra example's reasoning and label), one per optimizer step unless
+--grad-accum says otherwise (the optimizer in the backward pass cannot accumulate). LoRA: rank 16 on every linear
 layer of the blocks, the base frozen in bf16, autocast. The estimates are memory.py's arithmetic;
 the traced peaks count the tensors a step of train.py's own code holds (memory_trace.py). On a
 GPU the CUDA context and the allocator's slack come on top of both (typically 0.5-1 GB).
@@ -47,25 +49,28 @@ MODES = {  # name -> memory.estimate's settings
 }
 
 
-def estimates(batch=8, seq=512, targets=2048) -> dict[tuple[str, str], list[int]]:
-    """(model, mode) -> the estimated bytes with checkpointing off and on."""
-    return {(name, mode): [memory.estimate(config, batch, seq, targets, grad_checkpointing=ckpt,
-                                           loss_chunk=loss.LOSS_CHUNK, **settings)["total"] for ckpt in (False, True)]
-            for name, config in MODELS.items() for mode, settings in MODES.items()}
+def estimates(batch=8, seq=512, targets=2048, accumulate=1) -> dict[tuple[str, str], list[int]]:
+    """(model, mode) -> the estimated bytes with checkpointing off and on, for steps of `accumulate`
+    micro-batches (the modes that can accumulate)."""
+    return {(name, mode): [memory.estimate(config, batch, seq, targets, grad_checkpointing=ckpt, loss_chunk=loss.LOSS_CHUNK,
+                                           accumulating=accumulate > 1, **settings)["total"] for ckpt in (False, True)]
+            for name, config in MODELS.items() for mode, settings in MODES.items()
+            if accumulate == 1 or not settings.get("optimizer_in_backward")}
 
 
-def table(traced=False, batch=8, seq=512, targets=2048) -> str:
+def table(traced=False, batch=8, seq=512, targets=2048, accumulate=1) -> str:
     """Markdown: one row per model and mode, the estimate in GB with checkpointing off and on; with
     traced, each beside the peak traced on fake tensors (memory_trace.py; seconds per cell)."""
     columns = ["estimate", "traced"] if traced else ["estimate"]
     lines = ["| model | training | " + " | ".join(f"{c}, checkpointing {on}" for on in ("off", "on") for c in columns)
              + " |", "|---|---|" + "---:|" * 2 * len(columns)]
-    for (name, mode), cells in estimates(batch, seq, targets).items():
+    for (name, mode), cells in estimates(batch, seq, targets, accumulate).items():
         row = []
         for ckpt, estimate in zip((False, True), cells):
             row.append(estimate)
             if traced:
-                row.append(memory_trace.traced_peak(MODELS[name], batch, seq, grad_checkpointing=ckpt, **MODES[mode]))
+                row.append(memory_trace.traced_peak(MODELS[name], batch, seq, grad_checkpointing=ckpt,
+                                                    accumulate=accumulate, **MODES[mode]))
         lines.append(f"| {name} | {mode} | " + " | ".join(f"{n / 1e9:.2f} GB" for n in row) + " |")
     return "\n".join(lines)
 
@@ -95,10 +100,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trace", action="store_true", help="beside each estimate, the peak of a training step "
                    "traced tensor by tensor on fake tensors (memory_trace.py; a few minutes)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step: above 1 the "
+                   "gradients live through each forward pass (the optimizer in the backward pass is left out)")
     p.add_argument("--measure", action="store_true", help="also measure on this CPU: the 1B shapes (about 12 GB "
                    "RAM) and a two-block model at the 1B width in each dtype")
     args = p.parse_args(argv)
-    print(table(traced=args.trace))
+    print(table(traced=args.trace, accumulate=args.grad_accum))
     if not args.measure:
         return
     runs = [("Llama-3.2-1B shapes", MODELS["Llama-3.2-1B"], "bf16-pure", 1, 128)] + \

@@ -153,6 +153,15 @@ def test_the_readme_table_meets_the_targets():
     assert with_checkpointing[("Llama-3.1-8B", "LoRA r16, bf16 base")] <= 22.0
 
 
+def test_the_table_of_accumulating_steps_adds_the_gradients_where_they_can_accumulate():
+    """bench/memory_table.py --grad-accum 2: the optimizer in the backward pass cannot accumulate (left
+    out), and every other cell needs more than a step of one micro-batch."""
+    import memory_table
+    one, two = memory_table.estimates(), memory_table.estimates(accumulate=2)
+    assert set(two) == {row for row in one if row[1] != "bf16-pure + optimizer in backward"}
+    assert all(a > b for row in two for a, b in zip(two[row], one[row]))
+
+
 @pytest.mark.parametrize("mode, checkpointing, accumulate", [
     ("bf16-pure + optimizer in backward", True, 1), ("LoRA r16, bf16 base", True, 1), ("bf16, fp32 master", False, 1),
     ("bf16-pure", True, 2), ("bf16, fp32 master", False, 2)])
