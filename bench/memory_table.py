@@ -10,10 +10,11 @@ measurement of the real Llama-3.2-1B shapes on this machine beside its estimate.
 
 The table's micro-batch: 8 examples of 512 tokens whose second halves are replies (2,048
 positions with a loss, as a q2ra example's reasoning and label), one per optimizer step unless
---grad-accum says otherwise (the optimizer in the backward pass cannot accumulate). LoRA: rank 16 on every linear
-layer of the blocks, the base frozen in bf16, autocast. The estimates are memory.py's arithmetic;
-the traced peaks count the tensors a step of train.py's own code holds (memory_trace.py). On a
-GPU the CUDA context and the allocator's slack come on top of both (typically 0.5-1 GB).
+--grad-accum says otherwise (the optimizer in the backward pass cannot accumulate). LoRA: rank
+16 on every linear layer of the blocks, the base frozen in bf16, autocast. The estimates are
+memory.py's arithmetic; the traced peaks count the tensors a step of train.py's own code holds
+(memory_trace.py). On a GPU the CUDA context and the allocator's slack come on top of both
+(typically 0.5-1 GB).
 """
 from __future__ import annotations
 
