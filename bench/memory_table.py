@@ -7,6 +7,9 @@ measurement of the real Llama-3.2-1B shapes on this machine beside its estimate.
     python bench/memory_table.py --measure    # + peak RSS beside the estimate on this CPU (random weights,
                                         #   two steps): the 1B shapes in bf16-pure at batch 1 x 128, and
                                         #   two 1B-wide blocks at 1 x 1,024 in fp32, bf16 and bf16-pure
+    python bench/memory_table.py --small      # + train.py itself on a small model (SmolLM2-135M's shapes,
+                                        #   random weights, the demo's data): q2a at batch 8 for 15 steps in
+                                        #   fp32, bf16-pure and LoRA, each run's peak RSS and losses
 
 The table's micro-batch: 8 examples of 512 tokens whose second halves are replies (2,048
 positions with a loss, as a q2ra example's reasoning and label), one per optimizer step unless
@@ -19,19 +22,26 @@ memory.py's arithmetic; the traced peaks count the tensors a step of train.py's 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules, one folder up from here
 
+import checkpoint  # noqa: E402
+import demo  # noqa: E402
 import loss  # noqa: E402
 import memory  # noqa: E402
 import memory_trace  # noqa: E402
-from model import LlamaConfig  # noqa: E402
+from model import Llama, LlamaConfig  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 # The shapes of the public config.json files (rope scaling left out: it costs no memory).
 MODELS = {
@@ -97,6 +107,40 @@ def measure_apart(*args) -> dict:
         return pool.apply(measure, args)
 
 
+# SmolLM2-135M's shapes (its config.json), for train.py's own runs on a small model.
+SMALL = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+SMALL_RUNS = {"fp32": ["--dtype", "fp32"], "bf16-pure": ["--dtype", "bf16-pure"],
+              "LoRA r16, bf16 base": ["--dtype", "bf16", "--lora-rank", "16"]}
+
+
+def small_runs(steps: int = 15) -> dict[str, dict]:
+    """train.py, each run in a process of its own, on a random model in SMALL's shapes with the demo's
+    tokenizer and emotion data: q2a at batch 8 (no accumulation) for `steps` steps. Per run: the
+    peak (process RSS since setup began) and the first and last losses, from its metrics.jsonl."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        demo.prepare(tmp, rows=600, seed=0)
+        paths = demo.settings(tmp, rows=600, seed=0)
+        tokenizer = Tokenizer(paths["base_model"])
+        config = replace(SMALL, bos_token_id=tokenizer.bos_id, eos_token_id=sorted(tokenizer.stop_ids))
+        torch.manual_seed(0)
+        model_dir = checkpoint.save_model(Llama(config), Path(tmp) / "small", tokenizer.serving_files())
+        for name, flags in SMALL_RUNS.items():
+            out = Path(tmp) / name.split()[0]
+            run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--task",
+                                  "q2a", "--model", str(model_dir), "--data", paths["data"], "--out", str(out),
+                                  "--device", "cpu", "--batch-size", "8", "--grad-accum", "1", "--lr", "5e-4",
+                                  "--max-steps", str(steps), "--eval-every", str(steps), *flags],
+                                 capture_output=True, text=True)
+            if run.returncode:
+                raise RuntimeError(f"train.py in mode {name} failed:\n{run.stderr[-3000:]}")
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            results[name] = {"peak_bytes": max(r["peak_memory_bytes"] for r in rows),
+                             "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trace", action="store_true", help="beside each estimate, the peak of a training step "
@@ -105,8 +149,12 @@ def main(argv=None):
                    "gradients live through each forward pass (the optimizer in the backward pass is left out)")
     p.add_argument("--measure", action="store_true", help="also measure on this CPU: the 1B shapes (about 12 GB "
                    "RAM) and a two-block model at the 1B width in each dtype")
+    p.add_argument("--small", action="store_true", help="also run train.py on a small model (SmolLM2-135M's "
+                   "shapes) in fp32, bf16-pure and LoRA, and print each run's peak and losses")
     args = p.parse_args(argv)
     print(table(traced=args.trace, accumulate=args.grad_accum))
+    if args.small:
+        print_small_runs()
     if not args.measure:
         return
     runs = [("Llama-3.2-1B shapes", MODELS["Llama-3.2-1B"], "bf16-pure", 1, 128)] + \
@@ -118,6 +166,16 @@ def main(argv=None):
         print(f"{name}, {dtype}, batch {batch} x {seq}, two steps on this CPU: peak RSS "
               f"{memory.readable(result['measured_bytes'])}, estimate {memory.readable(result['estimate_bytes'])} "
               f"(measured / estimate = {ratio:.2f}), {result['seconds']:.0f} s", flush=True)
+
+
+
+def print_small_runs():
+    results = small_runs()
+    fp32 = results["fp32"]["peak_bytes"]
+    print()
+    for name, r in results.items():
+        print(f"{name}: q2a, batch 8, 15 steps on this CPU: peak RSS {memory.readable(r['peak_bytes'])} "
+              f"({r['peak_bytes'] / fp32:.2f}x fp32's), loss {r['first_loss']:.2f} -> {r['last_loss']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

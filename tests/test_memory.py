@@ -2,6 +2,7 @@
 tiny ones), the targets the README's table promises, and the probe that measures the peak."""
 import gc
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -237,6 +238,19 @@ def test_the_benchmark_measures_a_training_step_beside_its_estimate():
     assert result["measured_bytes"] >= 0 and result["seconds"] > 0
     targets = 2 * 8  # each example's second half is its reply
     assert result["estimate_bytes"] == memory.estimate(config, 2, 16, targets, "bf16-pure", device="cpu")["total"]
+
+
+def test_the_small_runs_are_train_py_s_own_in_each_mode(monkeypatch):
+    """bench/memory_table.py --small, on a narrower model for two steps: train.py runs in each mode
+    (fp32, bf16-pure, LoRA) and reports its peak and losses."""
+    import memory_table
+    monkeypatch.setattr(memory_table, "SMALL", replace(memory_table.SMALL, hidden_size=64, intermediate_size=128,
+                                                       num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2, head_dim=16))
+    results = memory_table.small_runs(steps=2)
+    assert list(results) == list(memory_table.SMALL_RUNS)
+    for run in results.values():
+        assert run["peak_bytes"] >= 0 and run["first_loss"] > 0 and run["last_loss"] > 0
 
 
 def test_the_probe_sees_a_tensor_it_did_not_hold_before():
