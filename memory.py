@@ -248,11 +248,11 @@ def plan(c: LlamaConfig, lengths: list[int], targets: list[int], micro_batches: 
          flags: MemoryFlags, loss_chunk: int = 0, accumulating: bool = False, device: str = "cuda") -> dict:
     """estimate() under a run's flags for the micro-batch (a list of example indices, into the
     examples' token `lengths` and `targets` with a loss) that needs the most: its batch, seq,
-    targets and bytes. accumulating: a process runs several micro-batches per optimizer step."""
+    targets, bytes, and whether it accumulates (a process runs several micro-batches per optimizer step)."""
     plans = []
     for ids in micro_batches:
         shape = {"batch": len(ids), "seq": max(lengths[i] for i in ids), "targets": sum(targets[i] for i in ids)}
-        plans.append({**shape, "bytes": estimate(
+        plans.append({**shape, "accumulating": accumulating, "bytes": estimate(
             c, **shape, dtype=flags.dtype, optimizer_in_backward=flags.optimizer_in_backward,
             lora_rank=flags.lora_rank, lora_targets=flags.lora_targets.split(","),
             grad_checkpointing=flags.grad_checkpointing, loss_chunk=loss_chunk, accumulating=accumulating,

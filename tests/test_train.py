@@ -343,6 +343,7 @@ def test_the_run_records_its_memory_estimate_and_peak(assets, tmp_path, grad_acc
     estimate = {accumulating: memory.estimate(config, **shape, dtype="fp32", accumulating=accumulating, device="cpu")
                 for accumulating in (False, True)}
     assert recorded["bytes"] == estimate[grad_accum > 1] != estimate[grad_accum == 1]
+    assert recorded["accumulating"] == (grad_accum > 1)
     peaks = [row["peak_memory_bytes"] for row in metrics(cfg.out)]
     assert len(peaks) == 2 and all(isinstance(p, int) and p >= 0 for p in peaks)
 
