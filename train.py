@@ -227,9 +227,10 @@ def setup(cfg: TrainConfig) -> Run:
     log(f"{cfg.task}: {len(train_set)} training / {len(val_set)} validation examples, "
         f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in the schedule, stopping at {stop_step}; "
         f"replies up to {data_counts['max_new_tokens']} tokens (the checkpoints' max_new_tokens)")
+    summed = ", gradients summed over micro-batches" if planned["accumulating"] else ""
     log(f"memory estimate for the largest micro-batch ({planned['batch']} x {planned['seq']} tokens, "
-        f"{planned['targets']} with a loss{', gradients accumulated over micro-batches' if planned['accumulating'] else ''}"
-        "): " + ", ".join(f"{k} {memory.readable(v)}" for k, v in planned["bytes"].items()))
+        f"{planned['targets']} with a loss{summed}): "
+        + ", ".join(f"{k} {memory.readable(v)}" for k, v in planned["bytes"].items()))
 
     # model (LoRA resumes from the base: last/ holds merged weights, train_state.pt the adapters)
     model = training_model(out / "last" if cfg.resume and not cfg.lora_rank else base_dir, cfg, device, cfg.compile)
