@@ -171,14 +171,13 @@ def held_bytes(c: LlamaConfig, dtype: str, optimizer_in_backward: bool, lora_ran
 
 
 def pass_bytes(c: LlamaConfig, tokens: int, targets: int, dtype: str, lora_rank: int, lora_targets,
-               loss_chunk: int) -> dict[str, int]:
+               chunk: int) -> dict[str, int]:
     """What a micro-batch of `tokens` tokens, `targets` of them with a loss, makes on its way through
-    the model: one block's activations and their gradients, the logits (with loss_chunk > 0, only
-    that many positions' at once), and autocast's bf16 copy of one block's trained matrices and of
-    the output head."""
+    the model: one block's activations and their gradients, the logits (chunk > 0: only that many
+    positions' at once, loss.ChunkedHeadLoss), and autocast's bf16 copy of one block's trained
+    matrices and of the output head."""
     compute, residual = activation_dtypes(dtype, lora_rank)
-    rows = min(loss_chunk, targets) if loss_chunk else targets
-    chunked = rows < targets  # loss.ChunkedHeadLoss
+    rows, chunked = chunk or targets, chunk > 0
     trained_per_block = trainable_count(c, lora_rank, lora_targets) // c.num_hidden_layers if lora_rank else \
         sum(i * o for i, o in linear_shapes(c).values())
     return {

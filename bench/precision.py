@@ -57,10 +57,6 @@ def markov_batches(seed: int, n: int, batch: int = 16, seq: int = 64) -> list[da
     return out
 
 
-def held_out_loss(model: Llama, batches: list[data.Batch], autocast: bool) -> float:
-    return loss.validation_loss(model, batches, autocast)
-
-
 def pretrained(steps: int) -> dict:
     torch.manual_seed(0)
     model = Llama(CONFIG).train()
@@ -83,12 +79,12 @@ def fine_tune(start: dict, mode: str, batches, held_out, lr: float, eval_every: 
     model.train()
     autocast = mode == "fp32 master"
     torch.manual_seed(1)  # the same rounding noise stream for every run of a mode
-    losses = [held_out_loss(model, held_out, autocast)]
+    losses = [loss.validation_loss(model, held_out, autocast)]
     for step, batch in enumerate(batches, 1):
         loss.forward_backward(model, [batch], autocast)
         optim.optimizer_step(optimizer, model.parameters(), grad_clip=1.0)
         if step % eval_every == 0:
-            losses.append(held_out_loss(model, held_out, autocast))
+            losses.append(loss.validation_loss(model, held_out, autocast))
     return losses
 
 
