@@ -6,18 +6,14 @@ from functools import partial
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from augment import JsonlAppender, check_meta, done_ids, merge_parts
 from generate import SamplingConfig
-from test_generate import ONE_THREAD, run_script
-from tiny import WORDS
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import read_rows, run_script, start_script
+from tiny import emotion_file
 
 
 def append_rows(path, rows):
@@ -92,19 +88,6 @@ def test_merge_parts_takes_each_id_once_and_repairs_torn_lines(tmp_path):
 
 # ----------------------------------------------------------------------------- stage 2 end to end
 
-def emotion_file(folder, n):
-    rows = [{"text": " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(3 + i % 7)),
-             "label": i % 6} for i in range(n)]
-    path = folder / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read_rows(path) -> dict:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
-    return {r["id"]: r for r in rows}, len(rows)
-
-
 def test_stage2_survives_sigkill_and_a_torn_line(model_dir, tmp_path):
     n = 16
     src = emotion_file(tmp_path, n)
@@ -118,8 +101,7 @@ def test_stage2_survives_sigkill_and_a_torn_line(model_dir, tmp_path):
     assert len({r["reasoning"] for r in whole.values()}) > n // 2  # rows differ: the comparison below means something
 
     out = tmp_path / "resumed.jsonl"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "augment.py"), *map(str, common), "--out", str(out)],
-                            cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_script("augment.py", *common, "--out", out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out.exists() and out.read_text().count("\n") >= 2) and time.time() < deadline:
         time.sleep(0.005)

@@ -3,8 +3,6 @@ evaluations and the comparison) on small labelled sets in the layouts a user bri
 models and a few steps; the label flags through every stage, the settings they record, the
 refused resumes, and bad input stopping with one line before anything is written."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,11 +10,10 @@ import pytest
 import checkpoint
 import labelset
 import pipeline
-from test_labelset import BINARY, NEWS, write_binary_hub, write_news_csv
-from tiny import tiny_llama
+from helpers import run_script
+from tiny import BINARY, NEWS, tiny_llama, write_binary_hub, write_news_csv
 from tokenizer import Tokenizer, build_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 TOPICS = [("rain all week in the north", "weather"), ("the striker scored twice", "sport"),
           ("snow closed the roads", "weather"), ("a late goal won it", "sport"), ("sunny and warm", "weather"),
           ("the coach was sacked", "sport")]
@@ -106,10 +103,8 @@ def test_multi_word_string_labels_in_other_columns(base, tmp_path):
                                                     instruction="Which section is this news for? {labels}"))
     assert not (tmp_path / "refused").exists()
     # eval.py without label flags: the checkpoint's own label set, its columns included
-    result = subprocess.run([sys.executable, "eval.py", "--model", str(tmp_path / "run" / "q2ra" / "best"), "--task",
-                             "q2ra", "--data", str(data), "--out", str(tmp_path / "cli"), "--device", "cpu"],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_script("eval.py", "--model", tmp_path / "run" / "q2ra" / "best", "--task", "q2ra", "--data", data,
+               "--out", tmp_path / "cli", "--device", "cpu")
     assert json.loads((tmp_path / "cli" / "report.json").read_text())["label_set"] == recorded
 
 
@@ -159,7 +154,6 @@ def test_bad_data_stops_the_pipeline_before_it_writes(base, tmp_path, case, matc
         pipeline.run_pipeline(config(base, tmp_path / "run", data))
     assert not (tmp_path / "run").exists()
     if case == "unknown test label":  # the command line: one line on stderr, no traceback
-        result = subprocess.run([sys.executable, "pipeline.py", "--data", str(data), "--out", str(tmp_path / "cli")],
-                                cwd=ROOT, capture_output=True, text=True)
+        result = run_script("pipeline.py", "--data", data, "--out", tmp_path / "cli", check=False)
         assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
         assert "unknown label 'maybe'" in result.stderr and not (tmp_path / "cli").exists()

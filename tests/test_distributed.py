@@ -2,8 +2,8 @@
 resumes under torchrun and on another rank count; sharded stage 2 equals one process, survives
 a rank killed part-way, and resumes on another rank count.
 
-The tiny models, data and helpers are those of test_train.py and test_generate.py. Every process
-runs torch on one thread (see test_train.py).
+The tiny models and data come from tiny.py (the fixtures `assets` and `model_dir`), the runs'
+settings and readers from helpers.py. Every process runs torch on one thread (helpers.ONE_THREAD).
 """
 import json
 import os
@@ -19,19 +19,16 @@ import torch
 
 import checkpoint
 import train
-from test_augment import emotion_file, read_rows
-from test_train import cli_args, metrics, run_config, wait_for
-
-REPO = Path(__file__).resolve().parent.parent
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+from helpers import ONE_THREAD, ROOT, cli_args, metrics, read_rows, run_config, start_script, wait_for
+from tiny import emotion_file
 
 
 def torchrun(script: str, *args, nproc: int = 2) -> subprocess.Popen:
     """`torchrun --standalone --nproc-per-node N script args` (--standalone: a free port of its
     own), in a process group of its own, which a Ctrl-C reaches as a whole."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(REPO / script), *map(str, args)]
-    return subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+               str(ROOT / script), *map(str, args)]
+    return subprocess.Popen(command, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
@@ -45,8 +42,7 @@ def launch(script: str, *args, nproc: int) -> subprocess.Popen:
     """torchrun for N > 1 ranks, a plain process for 1."""
     if nproc > 1:
         return torchrun(script, *args, nproc=nproc)
-    return subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=ONE_THREAD,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_script(script, *args)
 
 
 # ----------------------------------------------------------------------------- training

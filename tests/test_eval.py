@@ -2,9 +2,7 @@
 --compare, the CLI, logprob scoring on a tiny random model, and evaluate() end to end."""
 import json
 import math
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +14,8 @@ from report import write_report
 from metrics import (COLUMNS, LABELS, UNPARSED, bootstrap_diff_ci, classification_metrics, confusion_matrix,
                      mcnemar_exact, parse_label)
 from tokenizer import Tokenizer, build_tokenizer
+from helpers import run_script
 from tiny import tiny_llama
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -300,8 +297,7 @@ def test_compare_refuses_mismatches(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return run_script("eval.py", *args, check=False)
 
 
 def test_cli_compare(tmp_path):

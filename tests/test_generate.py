@@ -1,10 +1,7 @@
 """generate.py on tiny random models (CPU, fp32): the cache against recomputation, batching
 against single prompts, greedy against transformers, stops and limits, sampling, the compiled
 decode step and the chat command line."""
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,23 +10,15 @@ import checkpoint
 from generate import SamplingConfig, generate_ids, sample
 from model import Llama
 from tokenizer import Tokenizer
-from tiny import tiny_llama
+from helpers import run_script
+from tiny import prompts_of, tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
 GREEDY = SamplingConfig(max_new_tokens=20)
-# Tiny models gain nothing from threads, and when other processes keep the cores busy, OpenMP
-# threads wait on each other (30x slower here): one thread keeps this file fast on a shared machine.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def tiny_model(seed=0, vocab=97, std=0.3, **kw) -> Llama:
     """Weights with a large std, so the logits are peaked and argmax has no near-ties."""
     return tiny_llama(vocab, seed=seed, std=std, **kw).eval()
-
-
-def prompts_of(lengths, vocab=97, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 @torch.no_grad()
@@ -219,15 +208,6 @@ def test_compile_without_a_cpu_compiler_is_one_clear_error(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- command line (real subprocesses)
-
-def run_script(script: str, *args, check=True) -> subprocess.CompletedProcess:
-    """One of our scripts in a subprocess (one thread); its failure shows its stderr."""
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD, timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{proc.stderr}")
-    return proc
-
 
 def run_cli(*args, check=True) -> subprocess.CompletedProcess:
     return run_script("generate.py", *args, check=check)

@@ -8,7 +8,6 @@ what the GPU allocates, a 20-step q2a run with resume, and the benchmark on the 
 import json
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +18,10 @@ import loss
 import memory
 import optim
 import train
-from test_generate import GREEDY, generate_ids, prompts_of, tiny_model
-from test_optim import batches
-from test_train import metrics, run_config, trajectory
+from generate import SamplingConfig, generate_ids
+from helpers import ROOT, metrics, run_config, trajectory
 from model import LlamaConfig
-from tiny import tiny_llama
+from tiny import batches, prompts_of, tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -88,9 +86,10 @@ def test_lora_merged_weights_give_the_adapted_logits_on_cuda():
 def test_compiled_decode_replays_one_graph_for_a_whole_generation(fresh_dynamo):
     """generate.compiled_decoder on CUDA (a static cache, CUDA graphs): the eager replies, and no
     recompile after the first step, through refills and idle rows."""
-    model = tiny_model().to(CUDA)
+    model = tiny_llama(97, std=0.3).eval().to(CUDA)   # peaked logits: argmax has no near-ties
     prompts = prompts_of([3, 11, 6, 15, 1, 8, 4])
-    expected = generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=3)
+    greedy = SamplingConfig(max_new_tokens=20)
+    expected = generate_ids(model, prompts, set(range(8)), greedy, batch_size=3)
     compiled = generate.compiled_decoder("cuda")
     calls = []
 
@@ -102,7 +101,7 @@ def test_compiled_decode_replays_one_graph_for_a_whole_generation(fresh_dynamo):
             return compiled.step(*args)
 
     decoder = generate.Decoder(step, static=True)
-    assert generate_ids(model, prompts, set(range(8)), GREEDY, batch_size=3, decoder=decoder) == expected
+    assert generate_ids(model, prompts, set(range(8)), greedy, batch_size=3, decoder=decoder) == expected
     assert len(calls) > 10
 
 
@@ -120,7 +119,7 @@ def test_the_cuda_peak_is_the_traced_one():
     optimizer in the backward pass, checkpointing) is its trace on fake tensors
     (bench/memory_trace.py) give or take the kernels' workspaces, and the estimate covers it: the
     README's memory table checked on a real GPU."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(ROOT / "bench"))
     import memory_trace
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=2,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
@@ -133,7 +132,7 @@ def test_the_cuda_peak_is_the_traced_one():
 
 
 def test_the_benchmark_runs_on_the_gpu(tmp_path, fresh_dynamo):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(ROOT / "bench"))
     import bench
     from test_bench import TINY
     (tmp_path / "config.json").write_text(json.dumps(TINY))

@@ -8,54 +8,9 @@ import pytest
 import labelset
 import readers
 from labelset import EMOTION, LabelSet, readme_label_names, resolve
+from tiny import BINARY, HUB_README, NEWS, write_binary_hub, write_news_csv
 
 # A hub README's header as the hub writes it (dair-ai/emotion's layout: configs, features, splits).
-README = """---
-language:
-- en
-dataset_info:
-- config_name: split
-  features:
-  - name: text
-    dtype: string
-  - name: label
-    dtype:
-      class_label:
-        names:
-          '0': {0}
-          '1': {1}
-  splits:
-  - name: train
-    num_examples: 6
----
-
-# A card
-"""
-
-BINARY = [("the refund never arrived", 0), ("great service, thanks", 1), ("still waiting, no answer", 0),
-          ("quick and friendly", 1), ("never again", 0), ("lovely people", 1)]
-NEWS = [("stocks fell on monday", "Business"), ("the team won the cup", "Sports"),
-        ("a new chip doubles speed", "Sci/Tech"), ("leaders met in geneva", "World news"),
-        ("profits rose sharply", "Business"), ("a record at the olympics", "Sports")]
-
-
-def write_binary_hub(folder, names=("negative", "positive")):
-    """Ids 0/1 in data/{split}.csv, their names only in README.md's ClassLabel metadata."""
-    (folder / "data").mkdir(parents=True)
-    (folder / "README.md").write_text(README.format(*names))
-    for split in ("train", "test"):
-        (folder / "data" / f"{split}.csv").write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in BINARY))
-    return folder
-
-
-def write_news_csv(folder, rows=NEWS, test_rows=NEWS[:4]):
-    """Multi-word labels as strings, in columns named body and category."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, part in (("train", rows), ("test", test_rows)):
-        (folder / f"{split}.csv").write_text("category,body,source\n" + "".join(f'{y},"{t}",wire\n' for t, y in part))
-    return folder
-
-
 def test_binary_names_from_the_readme_metadata(tmp_path):
     source = write_binary_hub(tmp_path / "reviews")
     labels = resolve(source)
@@ -112,7 +67,7 @@ def test_emotion_keeps_its_order_and_wording(tmp_path):
 
 
 def test_readme_parser_reads_mappings_lists_and_quotes():
-    assert readme_label_names(README.format("'not spam'", '"Sci/Tech"'), "label") == ["not spam", "Sci/Tech"]
+    assert readme_label_names(HUB_README.format("'not spam'", '"Sci/Tech"'), "label") == ["not spam", "Sci/Tech"]
     listed = "---\ndataset_info:\n  features:\n  - name: topic\n    dtype:\n      class_label:\n        names:\n" \
              "        - World\n        - Sports\n  - name: text\n    dtype: string\n---\n"
     assert readme_label_names(listed, "topic") == ["World", "Sports"]

@@ -5,26 +5,12 @@ import math
 import pytest
 import torch
 
-import data
 import loss
 import optim
 import train
-from tiny import tiny_llama
+from tiny import batches, tiny_llama
 
 VOCAB = 50
-
-
-def batches(n: int, seed: int = 0) -> list[data.Batch]:
-    """n random micro-batches of 3 examples, the second half of each example a target."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        examples = []
-        for length in torch.randint(6, 12, (3,), generator=gen).tolist():
-            ids = torch.randint(1, VOCAB, (length,), generator=gen, dtype=torch.int32)
-            examples.append(data.Example(ids, torch.arange(length) >= length // 2))
-        out.append(data.collate(examples, pad_id=0))
-    return out
 
 
 def test_stochastic_rounding_keeps_the_mean():

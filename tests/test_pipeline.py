@@ -3,15 +3,11 @@ skipping, reruns, refusals, and the README's commands."""
 import json
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import pipeline
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, run_script
 STAGES = ["rgen", "augment", "q2a", "q2ra", "eval_q2a", "eval_q2ra", "compare"]
 
 
@@ -110,8 +106,7 @@ def test_readme_commands_exist_and_show_help():
     scripts |= set(re.findall(r"torchrun [^\n]*? ([\w/]+\.py)", readme))
     assert {"pipeline.py", "train.py", "generate.py", "augment.py", "eval.py", "bench/bench.py"} <= scripts
     for script in sorted(scripts):
-        result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
-        assert result.returncode == 0 and "usage" in result.stdout, (script, result.stderr[-500:])
+        assert "usage" in run_script(script, "--help").stdout, script
 
 
 def test_compile_reaches_training_and_stage_2(monkeypatch, tmp_path):

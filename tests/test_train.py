@@ -7,12 +7,8 @@ no downloads. Torch runs on one thread here: tiny matmuls are faster that way on
 machine, and the subprocesses get the same setting so that their losses compare bit for bit.
 """
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,19 +26,11 @@ from files import write_json
 import train
 import checkpoint
 from tokenizer import Tokenizer
+from helpers import cli_args, metrics, run_config, start_script, trajectory, wait_for
 from tiny import EMOTION_WORDS, tiny_llama, write_jsonl
 from train import TrainConfig
 
-REPO = Path(__file__).resolve().parent.parent
 END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
-
-
-def run_config(assets, out, **kw) -> TrainConfig:
-    """A few seconds of q2a training: 48 examples, 6 optimizer steps of 4 x 2 per epoch."""
-    settings = dict(task="q2a", data=str(assets.emotion), out=str(out), model=str(assets.model["llama3"]),
-                    batch_size=4, grad_accum=2, epochs=5, lr=3e-3, warmup_ratio=0.1, eval_every=4, save_every=5,
-                    dtype="fp32", device="cpu", seed=1, length_chunk=2)
-    return TrainConfig(**{**settings, **kw})
 
 
 def examples_of(task: str, tokenizer, rows, max_seq_len=512) -> list[data.Example]:
@@ -53,15 +41,6 @@ def load_examples(cfg: TrainConfig, tokenizer):
     """data.load_examples with a training run's settings, as train.setup calls it."""
     return data.load_examples(cfg.task, cfg.data, tokenizer, cfg.max_seq_len, cfg.max_examples, cfg.val_examples,
                               cfg.val_data, cfg.seed, cfg.skip_bad, cfg.rgen_columns)
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def trajectory(out) -> list[tuple]:
-    """What must be identical between runs: everything but the timings."""
-    return [(m["step"], m["epoch"], m["loss"], m["lr"], m["grad_norm"], m.get("val_loss")) for m in metrics(out)]
 
 
 def grads(model, micro_batches):
@@ -426,38 +405,13 @@ def test_metrics_after_the_restart_point_are_dropped(tmp_path):
     assert path.read_text() == ""
 
 
-def cli_args(cfg: TrainConfig) -> list[str]:
-    args = []
-    for name, value in vars(cfg).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args += [flag] if value else []
-        else:
-            args += [flag, str(value)]
-    return args
-
-
-def start_cli(args) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(condition, proc, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"the run ended before the signal:\n{proc.stdout.read()}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_resume_after_a_real_interruption(assets, tmp_path, uninterrupted, sig):
     """A real process: Ctrl-C saves OUT/last at the end of the current step and exits 130;
     SIGKILL loses the steps since the last save (their metrics lines are dropped on resume).
     Either way the resumed run equals the uninterrupted one."""
     cfg = run_config(assets, tmp_path)
-    proc = start_cli(cli_args(cfg))
+    proc = start_script("train.py", *cli_args(cfg))
     if sig == signal.SIGINT:
         wait_for(lambda: (tmp_path / "metrics.jsonl").is_file() and len(metrics(tmp_path)) >= 2, proc)
     else:  # after the first save (step 5) and a little more
@@ -480,9 +434,9 @@ def test_resume_after_a_real_interruption(assets, tmp_path, uninterrupted, sig):
 def test_cli_end_to_end(assets, tmp_path):
     """bf16 autocast (on CPU), checkpoints that transformers loads, and every output file."""
     out = tmp_path / "run"
-    proc = start_cli(["--task", "q2a", "--model", str(assets.model["llama3"]), "--data", str(assets.emotion),
-                      "--out", str(out), "--max-steps", "3", "--eval-every", "2", "--batch-size", "8",
-                      "--grad-accum", "1", "--device", "cpu"])
+    proc = start_script("train.py", "--task", "q2a", "--model", assets.model["llama3"], "--data", assets.emotion,
+                        "--out", out, "--max-steps", 3, "--eval-every", 2, "--batch-size", 8, "--grad-accum", 1,
+                        "--device", "cpu")
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output
     config = json.loads((out / "train_config.json").read_text())
@@ -577,9 +531,9 @@ def test_a_checkpoint_serves_the_prompt_it_was_trained_on(assets, tmp_path, meta
                                      "original_max_position_embeddings": 8192})
     base = checkpoint.save_model(model, tmp_path / "base", tokenizer.serving_files())
     out = tmp_path / "run"
-    proc = start_cli(["--task", "q2a", "--model", str(base), "--data", str(assets.emotion), "--out", str(out),
-                      "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--val-examples", "2",
-                      "--dtype", "fp32", "--device", "cpu"])
+    proc = start_script("train.py", "--task", "q2a", "--model", base, "--data", assets.emotion, "--out", out,
+                        "--max-steps", 1, "--batch-size", 2, "--grad-accum", 1, "--val-examples", 2,
+                        "--dtype", "fp32", "--device", "cpu")
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output
 

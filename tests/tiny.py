@@ -1,6 +1,6 @@
 """The test suite's tiny world, built in temporary folders (no downloads): a random Llama small
-enough for a CPU test, and the model folders and data sets that conftest.py serves as the fixtures
-`assets` and `model_dir`."""
+enough for a CPU test, the model folders and data sets that conftest.py serves as the fixtures
+`assets` and `model_dir`, small labelled sets in a user's layouts, and random token batches."""
 import json
 import random
 from pathlib import Path
@@ -53,6 +53,15 @@ def write_jsonl(path: Path, rows, keys):
     return path
 
 
+def emotion_file(folder: Path, n: int) -> Path:
+    """n rows of plain words in folder/train.jsonl, labelled by the emotion's id (0-5), not its name."""
+    rows = [{"text": " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(3 + i % 7)),
+             "label": i % 6} for i in range(n)]
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def training_assets(root: Path) -> SimpleNamespace:
     """Tiny emotion data (a folder with train/validation splits), a stage-2 jsonl, reasoning-gen rows,
     and a tiny model + tokenizer per chat format (llama3 with tied embeddings, chatml untied)."""
@@ -92,3 +101,73 @@ def model_folder(root: Path) -> Path:
                        num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, head_dim=64).eval()
     checkpoint.save_model(model, root / "model", tokenizer.serving_files())
     return root / "model"
+
+
+# ----------------------------------------------------------------------------- a user's own labelled sets
+
+# A hub README's header as the hub writes it (dair-ai/emotion's layout: configs, features, splits).
+HUB_README = """---
+language:
+- en
+dataset_info:
+- config_name: split
+  features:
+  - name: text
+    dtype: string
+  - name: label
+    dtype:
+      class_label:
+        names:
+          '0': {0}
+          '1': {1}
+  splits:
+  - name: train
+    num_examples: 6
+---
+
+# A card
+"""
+
+BINARY = [("the refund never arrived", 0), ("great service, thanks", 1), ("still waiting, no answer", 0),
+          ("quick and friendly", 1), ("never again", 0), ("lovely people", 1)]
+NEWS = [("stocks fell on monday", "Business"), ("the team won the cup", "Sports"),
+        ("a new chip doubles speed", "Sci/Tech"), ("leaders met in geneva", "World news"),
+        ("profits rose sharply", "Business"), ("a record at the olympics", "Sports")]
+
+
+def write_binary_hub(folder: Path, names=("negative", "positive")) -> Path:
+    """Ids 0/1 in data/{split}.csv, their names only in README.md's ClassLabel metadata."""
+    (folder / "data").mkdir(parents=True)
+    (folder / "README.md").write_text(HUB_README.format(*names))
+    for split in ("train", "test"):
+        (folder / "data" / f"{split}.csv").write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in BINARY))
+    return folder
+
+
+def write_news_csv(folder: Path, rows=NEWS, test_rows=NEWS[:4]) -> Path:
+    """Multi-word labels as strings, in columns named body and category."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", rows), ("test", test_rows)):
+        (folder / f"{split}.csv").write_text("category,body,source\n" + "".join(f'{y},"{t}",wire\n' for t, y in part))
+    return folder
+
+
+# ----------------------------------------------------------------------------- random tokens
+
+def prompts_of(lengths, vocab=97, seed=1) -> list[list[int]]:
+    """Random prompts of these lengths."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def batches(n: int, seed: int = 0, vocab: int = 50) -> list[data.Batch]:
+    """n random micro-batches of 3 examples, the second half of each example a target."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        examples = []
+        for length in torch.randint(6, 12, (3,), generator=gen).tolist():
+            ids = torch.randint(1, vocab, (length,), generator=gen, dtype=torch.int32)
+            examples.append(data.Example(ids, torch.arange(length) >= length // 2))
+        out.append(data.collate(examples, pad_id=0))
+    return out
