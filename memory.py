@@ -216,9 +216,22 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     # The head's gradient (chunked: formed in the forward pass) comes first in the backward pass; tied,
     # it waits there for the embedding's, and is then their sum: the parameter's gradient, unless the
     # step's earlier micro-batches left one (carried), to which it is added at the very end.
-    head_gradient = 0 if lora_rank else c.vocab_size * c.hidden_size * trained_dtype_bytes(dtype, lora_rank)
+    trained_bytes = trained_dtype_bytes(dtype, lora_rank)
+    head_gradient = 0 if lora_rank else c.vocab_size * c.hidden_size * trained_bytes
     carried = held["gradients"] if accumulating else 0
     waiting = head_gradient if accumulating and c.tie_word_embeddings else 0
+    # The gradients beside the first block's backward pass and beside the last one's. With the
+    # optimizer in the backward pass each is freed once applied, but a tied head's waits for the
+    # embedding's; an untied head's, formed in the forward pass (chunked), is gone before the blocks',
+    # and unchunked it forms just before them, beside the logits' gradient. Else every gradient
+    # exists once the blocks are done, but an untied embedding's own, formed last (unless carried).
+    if optimizer_in_backward:
+        first_head = 0 if chunked and not c.tie_word_embeddings else head_gradient
+        before_embedding = head_gradient if c.tie_word_embeddings else 0
+    else:
+        first_head = head_gradient
+        untied_embedding = 0 if c.tie_word_embeddings or accumulating else head_gradient
+        before_embedding = held["gradients"] + waiting - untied_embedding
     in_backward = held["optimizer_temporaries"] if optimizer_in_backward else 0
     if grad_checkpointing:
         kept = layers * tokens * residual * c.hidden_size  # each block's input
@@ -226,18 +239,20 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
         recomputed = p["block"] + p["block_copies"] + p["block_gradients"] + in_backward
         forward = carried + kept + max(layers * p["block_copies"],
                                        p["head_copy"] + p["logits"] + (head_gradient if chunked else 0))
-        first_block = carried + head_gradient + kept + recomputed
-        last_block = held["gradients"] + waiting + tokens * residual * c.hidden_size + recomputed
+        first_block = carried + first_head + kept + recomputed
+        last_block = before_embedding + tokens * residual * c.hidden_size + recomputed
     else:
         activations = layers * p["block"] + p["block_gradients"]
         saved = layers * (p["block"] + p["block_copies"])
         forward = carried + saved + p["head_copy"] + p["logits"]  # until the logits' gradient is formed
-        first_block = carried + head_gradient + saved + p["block_gradients"] + in_backward
-        last_block = held["gradients"] + waiting + p["block"] + p["block_copies"] + p["block_gradients"] + in_backward
+        first_block = carried + first_head + saved + p["block_gradients"] + in_backward
+        last_block = before_embedding + p["block"] + p["block_copies"] + p["block_gradients"] + in_backward
     # The embedding's gradient is formed whole (and then added to the tied head's): on a CPU in fp32 first.
     embedding_gradient = 0 if lora_rank else \
-        c.vocab_size * c.hidden_size * (trained_dtype_bytes(dtype, lora_rank) + (4 if device == "cpu" else 0))
-    after_backward = held["gradients"] + max(waiting + embedding_gradient, held["optimizer_temporaries"])
+        c.vocab_size * c.hidden_size * (trained_bytes + (4 if device == "cpu" else 0))
+    # Then the update: every parameter's at once, or (the optimizer in the backward pass) the
+    # embedding's, whose gradient is then held["gradients"], the largest one.
+    after_backward = max(before_embedding + embedding_gradient, held["gradients"] + held["optimizer_temporaries"])
     return {**held, "activations": activations, "logits": p["logits"],
             "weight_copies": layers * p["block_copies"] + p["head_copy"], "embedding_gradient": embedding_gradient,
             "total": held["weights"] + held["optimizer"] + max(forward, first_block, last_block, after_backward)}
