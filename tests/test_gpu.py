@@ -114,19 +114,24 @@ def test_peak_memory_is_measured_beside_its_estimate(assets, tmp_path):
     assert 0 < peaks[0] <= peaks[-1]
 
 
-def test_the_cuda_peak_is_the_traced_one():
-    """What a training step allocates on the GPU at most (two 1B-wide blocks, bf16-pure, the
-    optimizer in the backward pass, checkpointing) is its trace on fake tensors
-    (bench/memory_trace.py) give or take the kernels' workspaces, and the estimate covers it: the
-    README's memory table checked on a real GPU."""
+@pytest.mark.parametrize("settings, accumulate", [
+    (dict(dtype="bf16-pure", optimizer_in_backward=True, grad_checkpointing=True), 1),
+    (dict(dtype="bf16", grad_checkpointing=True), 2),
+    (dict(dtype="bf16", lora_rank=16), 1),
+], ids=["bf16-pure-in-backward", "autocast-accumulating", "lora"])
+def test_the_cuda_peak_is_the_traced_one(settings, accumulate):
+    """What a training step allocates on the GPU at most (two 1B-wide blocks: bf16-pure with the
+    optimizer in the backward pass; autocast over fp32 masters summing two micro-batches; LoRA) is
+    its trace on fake tensors (bench/memory_trace.py) give or take the kernels' workspaces, and the
+    estimate covers it: the README's memory table checked on a real GPU."""
     sys.path.insert(0, str(ROOT / "bench"))
     import memory_trace
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=2,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
-    settings = dict(dtype="bf16-pure", optimizer_in_backward=True, grad_checkpointing=True)
-    traced = memory_trace.traced_peak(config, 4, 512, **settings)
-    measured = memory_trace.measured_peak(config, 4, 512, CUDA, **settings)
-    estimate = memory.estimate(config, 4, 512, 4 * 256, loss_chunk=loss.LOSS_CHUNK, **settings)["total"]
+    traced = memory_trace.traced_peak(config, 4, 512, accumulate=accumulate, **settings)
+    measured = memory_trace.measured_peak(config, 4, 512, CUDA, accumulate=accumulate, **settings)
+    estimate = memory.estimate(config, 4, 512, 4 * 256, loss_chunk=loss.LOSS_CHUNK, accumulating=accumulate > 1,
+                               **settings)["total"]
     assert 0.95 * traced <= measured <= 1.05 * traced + 64e6  # cuBLAS's workspace: tens of MB
     assert measured <= 1.05 * estimate + 64e6
 
