@@ -11,12 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # as running bench/bench.py puts it first
 import bench  # noqa: E402  (bench/bench.py, which imports measure.py beside it)
-
-TINY = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": True,
-        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
+from tiny import CONFIG_JSON  # noqa: E402
 
 
 def test_grid_points_cross_and_full():
@@ -27,7 +22,7 @@ def test_grid_points_cross_and_full():
 
 
 def test_bench_writes_every_figure(tmp_path, capsys, fresh_dynamo):
-    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG_JSON))
     out = tmp_path / "bench.json"
     bench.main(["--config", str(tmp_path / "config.json"), "--threads", "1", "--reps", "1", "--warmup", "1",
                 "--train-reps", "1", "--train-warmup", "1",

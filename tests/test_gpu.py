@@ -21,7 +21,7 @@ import train
 from generate import SamplingConfig, generate_ids
 from helpers import ROOT, metrics, run_config, trajectory
 from model import LlamaConfig
-from tiny import batches, prompts_of, tiny_llama
+from tiny import CONFIG_JSON, batches, prompts_of, tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -139,8 +139,7 @@ def test_the_cuda_peak_is_the_traced_one(settings, accumulate):
 def test_the_benchmark_runs_on_the_gpu(tmp_path, fresh_dynamo):
     sys.path.insert(0, str(ROOT / "bench"))
     import bench
-    from test_bench import TINY
-    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG_JSON))
     bench.main(["--config", str(tmp_path / "config.json"), "--device", "cuda", "--reps", "1", "--warmup", "1",
                 "--train-reps", "1", "--train-warmup", "1", "--batch", "2", "--seq", "16", "--prompt-len", "8",
                 "--new-tokens", "3", "--stage2-rows", "3", "--stage2-batch", "2", "--stage2-new-tokens", "3",
