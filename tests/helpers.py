@@ -33,12 +33,18 @@ def start_script(script: str, *args, **popen) -> subprocess.Popen:
 
 
 def wait_for(condition, proc, timeout=60):
-    """Until condition() holds; fails if proc ends first."""
+    """Until condition() holds; fails if proc ends first (showing its output, where it was kept)."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert proc.poll() is None, f"the run ended before the signal:\n{proc.stdout.read()}"
+        assert proc.poll() is None, f"the run ended before the signal:\n{proc.stdout.read() if proc.stdout else ''}"
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.002)
+
+
+def line_count(path) -> int:
+    """Complete lines in a file that a running job appends to (0 before it exists)."""
+    path = Path(path)
+    return path.read_text().count("\n") if path.exists() else 0
 
 
 def run_config(assets, out, **kw) -> TrainConfig:

@@ -6,13 +6,12 @@ from functools import partial
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from augment import JsonlAppender, check_meta, done_ids, merge_parts
 from generate import SamplingConfig
-from helpers import read_rows, run_script, start_script
+from helpers import line_count, read_rows, run_script, start_script, wait_for
 from tiny import emotion_file
 
 
@@ -102,9 +101,7 @@ def test_stage2_survives_sigkill_and_a_torn_line(model_dir, tmp_path):
 
     out = tmp_path / "resumed.jsonl"
     proc = start_script("augment.py", *common, "--out", out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out.exists() and out.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.005)
+    wait_for(lambda: line_count(out) >= 2, proc, timeout=120)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     partial, count = read_rows(out)

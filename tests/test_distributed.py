@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 import checkpoint
 import train
-from helpers import ONE_THREAD, ROOT, cli_args, metrics, read_rows, run_config, start_script, wait_for
+from helpers import ONE_THREAD, ROOT, cli_args, line_count, metrics, read_rows, run_config, start_script, wait_for
 from tiny import emotion_file
 
 
@@ -121,11 +120,7 @@ def kill_rank_part_way(proc: subprocess.Popen, out: Path, rank: int):
     """SIGKILL one rank once both ranks have written rows; torchrun then stops the other rank
     (SIGTERM: it may die in the middle of a write) and fails."""
     parts = [out.with_name(f"{out.name}.part-{r}") for r in (0, 1)]
-    deadline = time.monotonic() + 120
-    while not all(p.exists() and p.read_text().count("\n") >= 2 for p in parts):
-        assert proc.poll() is None, f"the run ended before the kill:\n{proc.stdout.read()}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
+    wait_for(lambda: all(line_count(p) >= 2 for p in parts), proc, timeout=120)
     ranks = [pid for pid in child_pids(proc.pid) if f"RANK={rank}\0" in Path(f"/proc/{pid}/environ").read_text()]
     assert len(ranks) == 1
     os.kill(ranks[0], signal.SIGKILL)
