@@ -45,12 +45,11 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, x):
-        # The adapters compute in fp32, or under autocast in its dtype: x is then read as it is (an
-        # fp32 copy of it would only be cast back, and saved for the backward pass per adapter).
-        device = x.device.type
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lora_A.dtype
-        update = F.linear(F.linear(x.to(compute), self.lora_A), self.lora_B) * self.scale
-        return F.linear(x, self.weight) + update.to(x.dtype)
+        # The adapters compute in the dtype of x, the frozen layer's (bf16 on a bf16 base, as autocast
+        # would): an fp32 copy of x would be saved for the backward pass by every adapter that reads
+        # it, and the sum is rounded to x's dtype anyway. A and B, their gradients and AdamW state stay fp32.
+        update = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
+        return F.linear(x, self.weight) + update
 
     def merged_weight(self) -> torch.Tensor:
         return (self.weight.float() + self.scale * self.lora_B @ self.lora_A).to(self.weight.dtype)

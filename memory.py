@@ -26,6 +26,7 @@ The estimate follows what this code keeps alive, per token of the micro-batch:
   as logits and their fp32 copy, which becomes their gradient in place (loss.ChunkedHeadLoss);
 - weight copies: under autocast (--dtype bf16), the bf16 copy of every trained matrix, each
   alive until its block's backward pass (with checkpointing, until the blocks' forward pass ends);
+  under LoRA on a bf16 base, likewise the adapters' bf16 copies;
 - the embedding's gradient as the backward pass forms it, before adding it to the parameter's
   (on a CPU torch forms it in fp32 first).
 The total is the largest of the phases in which these live together (estimate's docstring).
@@ -64,7 +65,7 @@ class MemoryFlags:
                                          "sets it)")
     lora_rank: int = option(0, "LoRA: train a rank-R update beside each targeted linear layer while the model "
                             "stays frozen in the run's dtype (bf16 for bf16 and bf16-pure); the adapters train in "
-                            "fp32. best/ and last/ hold the merged weights, best-adapter/ and last-adapter/ the "
+                            "fp32 and compute in the frozen layers' dtype. best/ and last/ hold the merged weights, best-adapter/ and last-adapter/ the "
                             "adapter alone in PEFT's layout (0: a full fine-tune)")
     lora_alpha: float = option(16.0, "LoRA: the update is scaled by alpha / rank")
     lora_targets: str = option(",".join(lora.TARGETS), "LoRA: the linear layers of each block that get an adapter")
@@ -125,17 +126,13 @@ def block_activation_bytes(c: LlamaConfig, dtype: str, lora_rank: int = 0, lora_
         # k and v, and the MLP's for gate and up; down's (the SwiGLU product) is in compute dtype already
         inputs = (5 * compute * d if autocast else 2 * residual * d) + compute * f
         return norms + inputs + attention + swiglu
-    # Under LoRA the frozen layers save nothing for weight gradients; each adapter saves its input and
-    # A x. In bf16-pure the input is an fp32 copy of its own; in fp32 and under autocast the adapter
-    # reads it as it is, so adapters reading the same tensor share it, and o_proj's is attention's
-    # output, counted above.
+    # Under LoRA the frozen layers save nothing for weight gradients; each adapter saves its input,
+    # read as it is (adapters reading the same tensor share it; o_proj's is attention's output,
+    # counted above), and A x.
     shapes = linear_shapes(c)
-    if dtype == "bf16-pure":
-        inputs = sum(4 * shapes[t][0] for t in lora_targets)
-    else:
-        widths = {LAYER_INPUT[t]: shapes[t][0] for t in lora_targets if t != "o_proj"}  # one per shared input
-        inputs = compute * sum(widths.values())
-    products = len(lora_targets) * (2 if dtype == "bf16" else 4) * lora_rank
+    widths = {LAYER_INPUT[t]: shapes[t][0] for t in lora_targets if t != "o_proj"}  # one per shared input
+    inputs = compute * sum(widths.values())
+    products = len(lora_targets) * compute * lora_rank
     return norms + inputs + products + attention + swiglu
 
 
@@ -189,10 +186,11 @@ def pass_bytes(c: LlamaConfig, tokens: int, targets: int, dtype: str, lora_rank:
         "block_gradients": tokens * (2 * compute * c.intermediate_size + 3 * residual * c.hidden_size),
         # The logits in the matmul's dtype and in fp32; unchunked also the saved log-softmax and its gradient.
         "logits": rows * c.vocab_size * ((compute if compute != 4 else 0) + (4 if chunked else 12)),
-        # Autocast's copies: autograd saves a block's until that block's backward pass; with
+        # The bf16 copies of fp32 matrices that the matmuls read (autocast's of the masters, LoRA's of
+        # its adapters on a bf16 base): autograd saves a block's until that block's backward pass; with
         # checkpointing autocast's cache holds them until the blocks' forward pass ends, and a
         # recomputed block makes its own again. The head's lives from its forward to its backward.
-        "block_copies": 2 * trained_per_block if dtype == "bf16" else 0,
+        "block_copies": 2 * trained_per_block if compute == 2 and trained_dtype_bytes(dtype, lora_rank) == 4 else 0,
         "head_copy": 2 * c.vocab_size * c.hidden_size if dtype == "bf16" and not lora_rank else 0}
 
 
