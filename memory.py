@@ -21,9 +21,10 @@ The estimate follows what this code keeps alive, per token of the micro-batch:
   tensors; under LoRA the adapters' inputs instead of the frozen layers'), for every block, or
   with gradient checkpointing only each block's input plus one block recomputed; and the
   gradients of a block's activations while its backward pass runs;
-- logits: the positions with a loss times the vocabulary, as logits, their fp32 copy, the saved
-  log-softmax and its gradient; with gradient checkpointing only a chunk of positions at a time,
-  as logits and their fp32 copy, which becomes their gradient in place (loss.ChunkedHeadLoss);
+- logits: the positions with a loss times the vocabulary, in fp32 three times at the log-softmax's
+  backward pass (its saved output, the gradient it gets and the one it passes on; the logits and
+  their fp32 copy are gone by then); with gradient checkpointing only a chunk of positions at a
+  time, as logits and their fp32 copy, which becomes their gradient in place (loss.ChunkedHeadLoss);
 - weight copies: under autocast (--dtype bf16), the bf16 copy of every trained matrix, each
   alive until its block's backward pass (with checkpointing, until the blocks' forward pass ends);
   under LoRA on a bf16 base, likewise the adapters' bf16 copies;
@@ -31,7 +32,7 @@ The estimate follows what this code keeps alive, per token of the micro-batch:
   (on a CPU torch forms it in fp32 first).
 The total is the largest of the phases in which these live together (estimate's docstring).
 bench/memory_trace.py checks it against the tensors a real step holds, traced one by one at the
-real models' shapes: on the README's table it lies between 0.2 % below and 4.3 % above them.
+real models' shapes: on the README's table it lies between 0.4 % below and 1.6 % above them.
 Not counted: the framework itself (the CUDA context, the allocator's slack, Python) and the
 kernels' own workspaces.
 """
@@ -184,8 +185,10 @@ def pass_bytes(c: LlamaConfig, tokens: int, targets: int, dtype: str, lora_rank:
         # product's saved input), and of the residual stream (the block's output, its input, and one
         # in between).
         "block_gradients": tokens * (2 * compute * c.intermediate_size + 3 * residual * c.hidden_size),
-        # The logits in the matmul's dtype and in fp32; unchunked also the saved log-softmax and its gradient.
-        "logits": rows * c.vocab_size * ((compute if compute != 4 else 0) + (4 if chunked else 12)),
+        # Chunked: a chunk's logits in the matmul's dtype and in fp32. Unchunked, the most at once is in
+        # the log-softmax's backward pass: its saved output and two gradients, in fp32 (the logits, 2 + 4
+        # bytes, and the output live together only in the forward pass, and so stay below that).
+        "logits": rows * c.vocab_size * ((compute if compute != 4 else 0) + 4 if chunked else 12),
         # The bf16 copies of fp32 matrices that the matmuls read (autocast's of the masters, LoRA's of
         # its adapters on a bf16 base): autograd saves a block's until that block's backward pass; with
         # checkpointing autocast's cache holds them until the blocks' forward pass ends, and a

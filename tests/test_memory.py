@@ -77,9 +77,9 @@ def test_lora_trains_only_the_adapters():
 def test_checkpointing_keeps_block_inputs_and_chunks_the_logits():
     plain = memory.estimate(LLAMA_1B, 8, 512, 2048, "bf16-pure")
     ckpt = memory.estimate(LLAMA_1B, 8, 512, 2048, "bf16-pure", grad_checkpointing=True, loss_chunk=256)
-    # bf16 logits, their fp32 copy, the saved log-softmax and its gradient; a chunk's bf16 logits and
-    # the fp32 copy that becomes their gradient in place (loss.ChunkedHeadLoss)
-    assert (plain["logits"], ckpt["logits"]) == (2048 * 128256 * (2 + 12), 256 * 128256 * (2 + 4))
+    # the saved log-softmax, the gradient it gets and the one it passes on, in fp32; a chunk's bf16
+    # logits and the fp32 copy that becomes their gradient in place (loss.ChunkedHeadLoss)
+    assert (plain["logits"], ckpt["logits"]) == (2048 * 128256 * 12, 256 * 128256 * (2 + 4))
     assert ckpt["activations"] < plain["activations"] / 5
 
 
@@ -168,8 +168,8 @@ def test_the_table_of_accumulating_steps_adds_the_gradients_where_they_can_accum
     ("bf16-pure", True, 2), ("bf16, fp32 master", False, 2)])
 def test_the_estimate_is_near_the_peak_traced_at_the_real_1b_shapes(mode, checkpointing, accumulate):
     """A training step of the real Llama-3.2-1B shapes at 8 x 512 (of one micro-batch, or summing the
-    gradients of two), traced on fake tensors (seconds, no memory): the estimate lies between 3 %
-    below and 5 % above the tensors it holds at its peak (the README states the range over its table)."""
+    gradients of two), traced on fake tensors (seconds, no memory): the estimate lies within 2 % of
+    the tensors it holds at its peak (the README states the range over its table)."""
     import memory_table
     import memory_trace
     settings = memory_table.MODES[mode]
@@ -177,7 +177,7 @@ def test_the_estimate_is_near_the_peak_traced_at_the_real_1b_shapes(mode, checkp
                                       **settings)
     estimate = memory.estimate(LLAMA_1B, 8, 512, 2048, grad_checkpointing=checkpointing, loss_chunk=loss.LOSS_CHUNK,
                                accumulating=accumulate > 1, **settings)["total"]
-    assert 0.97 * traced <= estimate <= 1.05 * traced
+    assert 0.98 * traced <= estimate <= 1.02 * traced
     if mode == "bf16-pure + optimizer in backward":
         assert traced <= 9e9  # issue 16's target, met by what the step holds, not only by the estimate
 
@@ -224,6 +224,21 @@ def test_fake_tensors_trace_the_peak_of_real_ones(settings):
     fake, real = (memory_trace.traced_peak(config, 4, 300, grad_checkpointing=True, fake=fake, **settings)
                   for fake in (True, False))
     assert abs(fake - real) <= 0.001 * real
+
+
+@pytest.mark.parametrize("settings", [dict(dtype="fp32"), dict(dtype="bf16"), dict(dtype="bf16-pure"),
+                                      dict(dtype="bf16-pure", lora_rank=4)], ids=["fp32", "bf16", "bf16-pure", "lora"])
+def test_whole_logits_peak_in_the_log_softmax_s_backward_pass(settings):
+    """A step whose logits dominate (512 positions with a loss x 32,000 words, no checkpointing):
+    at their peak the fp32 log-softmax and two gradients exist, 12 bytes a logit in every dtype (the
+    bf16 logits are gone by then; counting them put the estimate 14-16 % above the trace)."""
+    import memory_trace
+    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    traced = memory_trace.traced_peak(config, 4, 256, **settings)
+    estimate = memory.estimate(config, 4, 256, 512, **settings)
+    assert estimate["logits"] > 0.8 * traced
+    assert 0.99 * traced <= estimate["total"] <= 1.01 * traced
 
 
 def test_a_tied_embedding_s_two_gradients_meet_in_place(monkeypatch):
