@@ -66,8 +66,8 @@ class MemoryFlags:
                                          "sets it)")
     lora_rank: int = option(0, "LoRA: train a rank-R update beside each targeted linear layer while the model "
                             "stays frozen in the run's dtype (bf16 for bf16 and bf16-pure); the adapters train in "
-                            "fp32 and compute in the frozen layers' dtype. best/ and last/ hold the merged weights, best-adapter/ and last-adapter/ the "
-                            "adapter alone in PEFT's layout (0: a full fine-tune)")
+                            "fp32 and compute in the frozen layers' dtype. best/ and last/ hold the merged weights, "
+                            "best-adapter/ and last-adapter/ the adapter alone in PEFT's layout (0: a full fine-tune)")
     lora_alpha: float = option(16.0, "LoRA: the update is scaled by alpha / rank")
     lora_targets: str = option(",".join(lora.TARGETS), "LoRA: the linear layers of each block that get an adapter")
     grad_checkpointing: bool = option(False, "recompute each block's activations in the backward pass: "
@@ -188,7 +188,7 @@ def pass_bytes(c: LlamaConfig, tokens: int, targets: int, dtype: str, lora_rank:
         # Chunked: a chunk's logits in the matmul's dtype and in fp32. Unchunked, the most at once is in
         # the log-softmax's backward pass: its saved output and two gradients, in fp32 (the logits, 2 + 4
         # bytes, and the output live together only in the forward pass, and so stay below that).
-        "logits": rows * c.vocab_size * ((compute if compute != 4 else 0) + 4 if chunked else 12),
+        "logits": rows * c.vocab_size * (((compute if compute != 4 else 0) + 4) if chunked else 12),
         # The bf16 copies of fp32 matrices that the matmuls read (autocast's of the masters, LoRA's of
         # its adapters on a bf16 base): autograd saves a block's until that block's backward pass; with
         # checkpointing autocast's cache holds them until the blocks' forward pass ends, and a
