@@ -163,6 +163,16 @@ def test_the_table_of_accumulating_steps_adds_the_gradients_where_they_can_accum
     assert all(a > b for row in two for a, b in zip(two[row], one[row]))
 
 
+def traced_and_estimated(config, batch: int, seq: int, accumulate: int = 1, **settings) -> tuple[int, dict]:
+    """A training step on batch x seq tokens, the second half of each a target, summing `accumulate`
+    micro-batches: the peak traced on fake tensors (bench/memory_trace.py) and memory.estimate's parts."""
+    import memory_trace
+    traced = memory_trace.traced_peak(config, batch, seq, accumulate=accumulate, **settings)
+    estimate = memory.estimate(config, batch, seq, batch * (seq - seq // 2), loss_chunk=loss.LOSS_CHUNK,
+                               accumulating=accumulate > 1, **settings)
+    return traced, estimate
+
+
 @pytest.mark.parametrize("mode, checkpointing, accumulate", [
     ("bf16-pure + optimizer in backward", True, 1), ("LoRA r16, bf16 base", True, 1), ("bf16, fp32 master", False, 1),
     ("bf16-pure", True, 2), ("bf16, fp32 master", False, 2)])
@@ -171,13 +181,9 @@ def test_the_estimate_is_near_the_peak_traced_at_the_real_1b_shapes(mode, checkp
     gradients of two), traced on fake tensors (seconds, no memory): the estimate lies within 2 % of
     the tensors it holds at its peak (the README states the range over its table)."""
     import memory_table
-    import memory_trace
-    settings = memory_table.MODES[mode]
-    traced = memory_trace.traced_peak(LLAMA_1B, 8, 512, grad_checkpointing=checkpointing, accumulate=accumulate,
-                                      **settings)
-    estimate = memory.estimate(LLAMA_1B, 8, 512, 2048, grad_checkpointing=checkpointing, loss_chunk=loss.LOSS_CHUNK,
-                               accumulating=accumulate > 1, **settings)["total"]
-    assert 0.98 * traced <= estimate <= 1.02 * traced
+    traced, estimate = traced_and_estimated(LLAMA_1B, 8, 512, accumulate, grad_checkpointing=checkpointing,
+                                            **memory_table.MODES[mode])
+    assert 0.98 * traced <= estimate["total"] <= 1.02 * traced
     if mode == "bf16-pure + optimizer in backward":
         assert traced <= 9e9  # issue 16's target, met by what the step holds, not only by the estimate
 
@@ -189,13 +195,9 @@ def test_an_untied_embedding_s_gradient_is_counted_only_once_it_exists(mode):
     backward pass the head's is freed before the first block's. Counting either too early put the
     estimate 6-7 % above the traced peak."""
     import memory_table
-    import memory_trace
     config = replace(MODELS["Llama-3.1-8B"], num_hidden_layers=4)
-    settings = memory_table.MODES[mode]
-    traced = memory_trace.traced_peak(config, 8, 512, grad_checkpointing=True, **settings)
-    estimate = memory.estimate(config, 8, 512, 2048, grad_checkpointing=True, loss_chunk=loss.LOSS_CHUNK,
-                               **settings)["total"]
-    assert 0.97 * traced <= estimate <= 1.03 * traced
+    traced, estimate = traced_and_estimated(config, 8, 512, grad_checkpointing=True, **memory_table.MODES[mode])
+    assert 0.97 * traced <= estimate["total"] <= 1.03 * traced
 
 
 def test_the_tracer_counts_each_live_storage_once():
@@ -232,11 +234,9 @@ def test_whole_logits_peak_in_the_log_softmax_s_backward_pass(settings):
     """A step whose logits dominate (512 positions with a loss x 32,000 words, no checkpointing):
     at their peak the fp32 log-softmax and two gradients exist, 12 bytes a logit in every dtype (the
     bf16 logits are gone by then; counting them put the estimate 14-16 % above the trace)."""
-    import memory_trace
     config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
-    traced = memory_trace.traced_peak(config, 4, 256, **settings)
-    estimate = memory.estimate(config, 4, 256, 512, **settings)
+    traced, estimate = traced_and_estimated(config, 4, 256, **settings)
     assert estimate["logits"] > 0.8 * traced
     assert 0.99 * traced <= estimate["total"] <= 1.01 * traced
 
