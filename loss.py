@@ -75,6 +75,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             grad_h[start:start + LOSS_CHUNK] = d_logits @ w
             if grad_weight is not None:
                 grad_weight.addmm_(d_logits.T.to(weight.dtype), rows.to(weight.dtype))
+            del d_logits  # else it lives on beside the next chunk's logits
         ctx.save_for_backward(grad_h, grad_weight)
         return total
 

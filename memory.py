@@ -19,8 +19,10 @@ The estimate follows what this code keeps alive, per token of the micro-batch:
 - activations: what autograd saves in one block (block_activation_bytes: the RMSNorms' fp32
   inputs, the matmuls' inputs, attention's q, k, v, output and logsumexp, SwiGLU's three wide
   tensors; under LoRA the adapters' inputs instead of the frozen layers'), for every block, or
-  with gradient checkpointing only each block's input plus one block recomputed; and the
-  gradients of a block's activations while its backward pass runs;
+  with gradient checkpointing only each block's input plus one block recomputed; the gradients
+  of a block's activations while its backward pass runs; RoPE's cos and sin for every position
+  (fp32), which every block reads; the final norm's saved tensors and the rows the head reads
+  (chunked, beside their gradient);
 - logits: the positions with a loss times the vocabulary, in fp32 three times at the log-softmax's
   backward pass (its saved output, the gradient it gets and the one it passes on; the logits and
   their fp32 copy are gone by then); with gradient checkpointing only a chunk of positions at a
@@ -32,7 +34,7 @@ The estimate follows what this code keeps alive, per token of the micro-batch:
   (on a CPU torch forms it in fp32 first).
 The total is the largest of the phases in which these live together (estimate's docstring).
 bench/memory_trace.py checks it against the tensors a real step holds, traced one by one at the
-real models' shapes: on the README's table it lies between 0.4 % below and 1.6 % above them.
+real models' shapes: on the README's table it lies between 0.2 % below and 1.6 % above them.
 Not counted: the framework itself (the CUDA context, the allocator's slack, Python) and the
 kernels' own workspaces.
 """
@@ -171,13 +173,18 @@ def held_bytes(c: LlamaConfig, dtype: str, optimizer_in_backward: bool, lora_ran
 def pass_bytes(c: LlamaConfig, tokens: int, targets: int, dtype: str, lora_rank: int, lora_targets,
                chunk: int) -> dict[str, int]:
     """What a micro-batch of `tokens` tokens, `targets` of them with a loss, makes on its way through
-    the model: one block's activations and their gradients, the logits (chunk > 0: only that many
-    positions' at once, loss.ChunkedHeadLoss), and autocast's bf16 copy of one block's trained
-    matrices and of the output head."""
+    the model: one block's activations and their gradients, RoPE's angles, the head's inputs, the
+    logits (chunk > 0: only that many positions' at once, loss.ChunkedHeadLoss), and autocast's bf16
+    copy of one block's trained matrices and of the output head."""
     compute, residual = activation_dtypes(dtype, lora_rank)
     rows, chunked = chunk or targets, chunk > 0
     trained_per_block = trainable_count(c, lora_rank, lora_targets) // c.num_hidden_layers if lora_rank else \
         sum(i * o for i, o in linear_shapes(c).values())
+    # The final norm saves its fp32 input and, for its weight's gradient, its output. The head's rows
+    # exist, chunked, beside their gradient (both formed in the forward pass); whole, the matmul saves
+    # them for its weight's gradient. LoRA trains neither the norm's weight nor the head.
+    trained = 0 if lora_rank else 1
+    norm_saved, head_rows = 4 + trained * residual, 2 * residual if chunked else trained * compute
     return {
         "block": tokens * block_activation_bytes(c, dtype, lora_rank, lora_targets),
         # The gradients of one block's activations, at most at once: in the MLP's backward pass those
@@ -185,6 +192,8 @@ def pass_bytes(c: LlamaConfig, tokens: int, targets: int, dtype: str, lora_rank:
         # product's saved input), and of the residual stream (the block's output, its input, and one
         # in between).
         "block_gradients": tokens * (2 * compute * c.intermediate_size + 3 * residual * c.hidden_size),
+        "rope": 2 * tokens * c.head_dim * 4,  # RoPE's cos and sin of every position, in fp32
+        "head_inputs": c.hidden_size * (tokens * norm_saved + targets * head_rows),
         # Chunked: a chunk's logits in the matmul's dtype and in fp32. Unchunked, the most at once is in
         # the log-softmax's backward pass: its saved output and two gradients, in fp32 (the logits, 2 + 4
         # bytes, and the output live together only in the forward pass, and so stay below that).
@@ -238,16 +247,19 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
         kept = layers * tokens * residual * c.hidden_size  # each block's input
         activations = kept + p["block"] + p["block_gradients"]
         recomputed = p["block"] + p["block_copies"] + p["block_gradients"] + in_backward
-        forward = carried + kept + max(layers * p["block_copies"],
-                                       p["head_copy"] + p["logits"] + (head_gradient if chunked else 0))
+        head = p["head_copy"] + p["head_inputs"] + p["logits"] + (head_gradient if chunked else 0)
+        forward = carried + kept + max(layers * p["block_copies"], head)
         first_block = carried + first_head + kept + recomputed
         last_block = before_embedding + tokens * residual * c.hidden_size + recomputed
     else:
         activations = layers * p["block"] + p["block_gradients"]
         saved = layers * (p["block"] + p["block_copies"])
-        forward = carried + saved + p["head_copy"] + p["logits"]  # until the logits' gradient is formed
+        # the forward pass, until the logits' gradient is formed
+        forward = carried + saved + p["head_copy"] + p["head_inputs"] + p["logits"]
         first_block = carried + first_head + saved + p["block_gradients"] + in_backward
         last_block = before_embedding + p["block"] + p["block_copies"] + p["block_gradients"] + in_backward
+    # Every block reads RoPE's angles: they live through both passes.
+    forward, first_block, last_block = (phase + p["rope"] for phase in (forward, first_block, last_block))
     # The embedding's gradient is formed whole (and then added to the tied head's): on a CPU in fp32 first.
     embedding_gradient = 0 if lora_rank else \
         c.vocab_size * c.hidden_size * (trained_bytes + (4 if device == "cpu" else 0))
