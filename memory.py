@@ -206,6 +206,22 @@ def pass_bytes(c: LlamaConfig, tokens: int, targets: int, dtype: str, lora_rank:
         "head_copy": 2 * c.vocab_size * c.hidden_size if dtype == "bf16" and not lora_rank else 0}
 
 
+def gradients_beside_blocks(c: LlamaConfig, all_gradients: int, head_gradient: int, optimizer_in_backward: bool,
+                            chunked: bool, accumulating: bool) -> tuple[int, int]:
+    """The parameters' gradients beside the first block's backward pass and beside the last one's.
+    With the optimizer in the backward pass each is freed once applied, but a tied head's waits for
+    the embedding's; an untied head's, formed in the forward pass (chunked), is gone before the
+    blocks', and unchunked it forms just before them, beside the logits' gradient. Else every
+    gradient exists once the blocks are done, but an untied embedding's own, formed last (unless
+    carried), and a tied head's new one waits beside a carried sum."""
+    if optimizer_in_backward:
+        return 0 if chunked and not c.tie_word_embeddings else head_gradient, \
+            head_gradient if c.tie_word_embeddings else 0
+    waiting = head_gradient if accumulating and c.tie_word_embeddings else 0
+    untied_embedding = 0 if c.tie_word_embeddings or accumulating else head_gradient
+    return head_gradient, all_gradients + waiting - untied_embedding
+
+
 def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, optimizer_in_backward: bool = False,
              lora_rank: int = 0, lora_targets=lora.TARGETS, grad_checkpointing: bool = False,
              loss_chunk: int = 0, accumulating: bool = False, device: str = "cuda") -> dict[str, int]:
@@ -229,19 +245,8 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     trained_bytes = trained_dtype_bytes(dtype, lora_rank)
     head_gradient = 0 if lora_rank else c.vocab_size * c.hidden_size * trained_bytes
     carried = held["gradients"] if accumulating else 0
-    waiting = head_gradient if accumulating and c.tie_word_embeddings else 0
-    # The gradients beside the first block's backward pass and beside the last one's. With the
-    # optimizer in the backward pass each is freed once applied, but a tied head's waits for the
-    # embedding's; an untied head's, formed in the forward pass (chunked), is gone before the blocks',
-    # and unchunked it forms just before them, beside the logits' gradient. Else every gradient
-    # exists once the blocks are done, but an untied embedding's own, formed last (unless carried).
-    if optimizer_in_backward:
-        first_head = 0 if chunked and not c.tie_word_embeddings else head_gradient
-        before_embedding = head_gradient if c.tie_word_embeddings else 0
-    else:
-        first_head = head_gradient
-        untied_embedding = 0 if c.tie_word_embeddings or accumulating else head_gradient
-        before_embedding = held["gradients"] + waiting - untied_embedding
+    first_head, before_embedding = gradients_beside_blocks(c, held["gradients"], head_gradient, optimizer_in_backward,
+                                                           chunked, accumulating)
     in_backward = held["optimizer_temporaries"] if optimizer_in_backward else 0
     if grad_checkpointing:
         kept = layers * tokens * residual * c.hidden_size  # each block's input
@@ -253,7 +258,9 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
         last_block = before_embedding + tokens * residual * c.hidden_size + recomputed
     else:
         activations = layers * p["block"] + p["block_gradients"]
-        saved = layers * (p["block"] + p["block_copies"])
+        # Under LoRA the first block's input, the frozen embedding's output, needs no gradient: its
+        # first norm saves nothing.
+        saved = layers * (p["block"] + p["block_copies"]) - (tokens * (4 * c.hidden_size + 4) if lora_rank else 0)
         # the forward pass, until the logits' gradient is formed
         forward = carried + saved + p["head_copy"] + p["head_inputs"] + p["logits"]
         first_block = carried + first_head + saved + p["block_gradients"] + in_backward
