@@ -154,7 +154,7 @@ def trained_dtype_bytes(dtype: str, lora_rank: int) -> int:
 
 def held_bytes(c: LlamaConfig, dtype: str, optimizer_in_backward: bool, lora_rank: int, lora_targets) -> dict[str, int]:
     """What a run holds all step long (weights, gradients, AdamW's two moments), and what the
-    optimizer adds while it updates a parameter."""
+    optimizer adds while it updates the largest parameter."""
     trainable, trainable_bytes = trainable_count(c, lora_rank, lora_targets), trained_dtype_bytes(dtype, lora_rank)
     if lora_rank:
         frozen = parameter_count(c) * (4 if dtype == "fp32" else 2)
@@ -164,10 +164,14 @@ def held_bytes(c: LlamaConfig, dtype: str, optimizer_in_backward: bool, lora_ran
     return {"weights": frozen + trainable * trainable_bytes,
             "gradients": (largest if optimizer_in_backward else trainable) * trainable_bytes,
             "optimizer": 2 * trainable * trainable_bytes,
-            # BF16AdamW updates a slice of at most optim.CHUNK elements at a time through fp32
-            # temporaries (the gradient, both moments and the weight, and the stochastic rounding's):
-            # 28 bytes each. torch's fused AdamW (fp32) makes none.
-            "optimizer_temporaries": 28 * min(optim.CHUNK, largest) if trainable_bytes == 2 else 0}
+            "optimizer_temporaries": update_temporaries(largest, trainable_bytes)}
+
+
+def update_temporaries(elements: int, trained_bytes: int) -> int:
+    """What updating a parameter of `elements` elements adds: BF16AdamW updates a slice of at most
+    optim.CHUNK elements at a time through fp32 temporaries (the gradient, both moments and the
+    weight, and the stochastic rounding's), 28 bytes each. torch's fused AdamW (fp32) makes none."""
+    return 28 * min(optim.CHUNK, elements) if trained_bytes == 2 else 0
 
 
 def pass_bytes(c: LlamaConfig, tokens: int, targets: int, dtype: str, lora_rank: int, lora_targets,
@@ -247,7 +251,9 @@ def estimate(c: LlamaConfig, batch: int, seq: int, targets: int, dtype: str, opt
     carried = held["gradients"] if accumulating else 0
     first_head, before_embedding = gradients_beside_blocks(c, held["gradients"], head_gradient, optimizer_in_backward,
                                                            chunked, accumulating)
-    in_backward = held["optimizer_temporaries"] if optimizer_in_backward else 0
+    # With the optimizer in the backward pass, a block's backward pass updates the block's parameters.
+    largest_in_block = max(i * o for i, o in linear_shapes(c).values())
+    in_backward = update_temporaries(largest_in_block, trained_bytes) if optimizer_in_backward else 0
     if grad_checkpointing:
         kept = layers * tokens * residual * c.hidden_size  # each block's input
         activations = kept + p["block"] + p["block_gradients"]
