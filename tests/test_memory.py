@@ -17,6 +17,7 @@ from helpers import ONE_THREAD, ROOT
 from tiny import tiny_llama
 
 sys.path.insert(0, str(ROOT / "bench"))
+import memory_table  # noqa: E402
 from memory_table import MODELS, MODES, SMALL  # noqa: E402
 
 LLAMA_1B = MODELS["Llama-3.2-1B"]
@@ -147,7 +148,6 @@ def test_the_readme_table_meets_the_targets():
     """Issue 16's targets, at batch 8 x 512 with gradient checkpointing: the 1B full fine-tune in
     bf16-pure under 12 GB, with the optimizer in the backward pass under 9 GB, the 8B with LoRA
     rank 16 under 22 GB."""
-    import memory_table
     with_checkpointing = {row: cells[1] / 1e9 for row, cells in memory_table.estimates().items()}
     assert with_checkpointing[("Llama-3.2-1B", "bf16-pure")] <= 12.0
     assert with_checkpointing[("Llama-3.2-1B", "bf16-pure + optimizer in backward")] <= 9.0
@@ -157,7 +157,6 @@ def test_the_readme_table_meets_the_targets():
 def test_the_table_of_accumulating_steps_adds_the_gradients_where_they_can_accumulate():
     """bench/memory_table.py --grad-accum 2: the optimizer in the backward pass cannot accumulate (left
     out), and every other cell needs more than a step of one micro-batch."""
-    import memory_table
     one, two = memory_table.estimates(), memory_table.estimates(accumulate=2)
     assert set(two) == {row for row in one if row[1] != "bf16-pure + optimizer in backward"}
     assert all(a > b for row in two for a, b in zip(two[row], one[row]))
@@ -300,7 +299,6 @@ def test_a_tied_embedding_s_two_gradients_meet_in_place(monkeypatch):
 def test_the_benchmark_measures_a_training_step_beside_its_estimate():
     """memory_table.measure runs memory_trace.measured_peak (the steps the GPU check compares with
     their trace) and sets the estimate of the same micro-batch beside it."""
-    import memory_table
     config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     result = memory_table.measure(config, "bf16-pure", batch=2, seq=16)
@@ -312,7 +310,6 @@ def test_the_benchmark_measures_a_training_step_beside_its_estimate():
 def test_the_small_runs_are_train_py_s_own_in_each_mode(monkeypatch):
     """bench/memory_table.py --small, on a narrower model for two steps: train.py runs in each mode
     (fp32, bf16-pure, LoRA) and reports its peak and losses."""
-    import memory_table
     monkeypatch.setattr(memory_table, "SMALL", replace(memory_table.SMALL, hidden_size=64, intermediate_size=128,
                                                        num_hidden_layers=2, num_attention_heads=4,
                                                        num_key_value_heads=2, head_dim=16))
