@@ -17,9 +17,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
 
 # A config.json of TINY's shape with Llama 3.2's RoPE scaling, for scripts that read one (bench.py --config).
-CONFIG_JSON = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
-               "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": True,
+CONFIG_JSON = {**TINY, "vocab_size": 512, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+               "rope_theta": 500000.0, "tie_word_embeddings": True,
                "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
 
